@@ -2,24 +2,36 @@
 
 Run: python -m pytest -q test_all.py
 """
-import warnings
-import numpy as np
-import pytest
-import pywt
-import torch
-import torch.nn.functional as F
-import wavelet
+from dataclasses import replace
+from pathlib import Path
 import gzip
 import importlib.util
 import json
+import math
+import os
 import random
 import subprocess
 import sys
 import types
 import unicodedata
+import warnings
 import zipfile
+
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+import numpy as np
+import pytest
+import pywt
+import torch
+import torch.nn.functional as F
+
+import metrics
+import mmdit
+import sample
 import text_encoders as te
+import vae
+import wavelet
 
 # ====================================================================================================
 # wavelet
@@ -154,6 +166,1043 @@ def test_wavelet_bad_input():
         wavelet.wlf_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 6))
     with pytest.raises(ValueError, match="band_weights"):
         wavelet.wlf_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), (1, 1))
+
+
+# ====================================================================================================
+# metrics
+# ====================================================================================================
+
+_METRICS_ROOT = Path(__file__).resolve().parent
+_METRICS_ANGLES = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+
+
+def _metrics_photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    return getattr(data, name)()
+
+
+def _metrics_gray_reference(rgb: np.ndarray) -> np.ndarray:
+    """OpenCV's uint8 RGB -> gray, written out from its source: (9798 R + 19235 G + 3735 B + 2^14) >> 15."""
+    x = rgb.astype(np.int64)
+    return ((9798 * x[..., 0] + 19235 * x[..., 1] + 3735 * x[..., 2] + 16384) >> 15).astype(np.uint8)
+
+
+def _metrics_reference_patches(rgb: np.ndarray, entropy: str = "distinct") -> np.ndarray:
+    """The authors' recipe with scikit-image, one 64×64 patch at a time -> (⌊H/64⌋, ⌊W/64⌋)."""
+    from skimage.feature import graycomatrix, graycoprops
+    from skimage.measure import shannon_entropy
+
+    levels = _metrics_gray_reference(rgb) // 4
+    ph, pw = levels.shape[0] // 64, levels.shape[1] // 64
+    out = np.empty((ph, pw))
+    for i in range(ph):
+        for j in range(pw):
+            glcm = graycomatrix(levels[64 * i : 64 * i + 64, 64 * j : 64 * j + 64], [1, 2, 3, 4], _METRICS_ANGLES,
+                                levels=64, symmetric=False, normed=True)
+            if entropy == "distinct":
+                out[i, j] = shannon_entropy(glcm)
+            else:  # Haralick's entropy in nats per slice -> bits, mean over the 16 slices
+                out[i, j] = graycoprops(glcm, "entropy").mean() / math.log(2)
+    return out
+
+
+def _metrics_ours_patches(rgb: np.ndarray, entropy: str = "distinct", chunk=None) -> np.ndarray:
+    levels = metrics.rgb_to_gray(torch.from_numpy(np.ascontiguousarray(rgb))) >> 2
+    return metrics.glcm_patch_scores(levels, entropy=entropy, chunk=chunk).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Grayscale
+
+
+def test_metrics_gray_is_opencv_fixed_point_on_every_colour():
+    differ = 0
+    for red in range(0, 256, 16):  # all 2^24 RGB colours, 16 reds at a time
+        v = np.arange(1 << 20, dtype=np.uint32)
+        rgb = np.stack([red + (v >> 16), (v >> 8) & 255, v & 255], -1).astype(np.uint8).reshape(1024, 1024, 3)
+        ours = metrics.rgb_to_gray(rgb).numpy()
+        # Exact: integer arithmetic, nothing to tolerate.
+        np.testing.assert_array_equal(ours, _metrics_gray_reference(rgb))
+        # Against the float definition round(0.299 R + 0.587 G + 0.114 B): at most one level apart.
+        x = rgb.astype(np.float64)
+        diff = np.abs(ours - np.floor(0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2] + 0.5))
+        assert diff.max() <= 1
+        differ += np.count_nonzero(diff)
+    assert differ == 22411  # 0.13 % of the colours: the fixed point matters for parity
+    # e.g. pure blue 250: 0.114·250 = 28.5 rounds to 29, OpenCV gives 28
+    assert metrics.rgb_to_gray(np.array([[[0, 0, 250]]], dtype=np.uint8)).item() == 28
+    # Gray stays gray, and the primaries.
+    g = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+    np.testing.assert_array_equal(metrics.rgb_to_gray(g).numpy()[:, 0], np.arange(256))
+    prim = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    assert metrics.rgb_to_gray(prim).tolist() == [[76, 150, 29]]
+
+
+# --------------------------------------------------------------------------------------------------
+# GLCM score
+
+
+def test_metrics_glcm_offsets_follow_scikit_image():
+    from skimage.feature import graycomatrix
+
+    # A patch whose only non-zero pixel is at (20, 20): in slice s, the cell (0, 1) counts the pairs
+    # (p, p + step) that end on it, so the step is the one that reaches (20, 20) from a zero pixel.
+    img = np.zeros((41, 41), dtype=np.uint8)
+    img[20, 20] = 1
+    glcm = graycomatrix(img, [1, 2, 3, 4], _METRICS_ANGLES, levels=2)
+    for s, (dr, dc) in enumerate(metrics.glcm_offsets()):
+        d, a = divmod(s, 4)
+        probe = np.zeros_like(img)
+        probe[20, 20], probe[20 - dr, 20 - dc] = 1, 1  # the partner one step before (20, 20)
+        glcm_probe = graycomatrix(probe, [1, 2, 3, 4], _METRICS_ANGLES, levels=2)
+        assert glcm[1, 1, d, a] == 0 and glcm_probe[1, 1, d, a] == 1, (s, dr, dc)
+    assert len(set(metrics.glcm_offsets())) == 14  # 45° and 135° round to the same step at d = 1 and 2
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket", "retina"])
+def test_metrics_glcm_matches_scikit_image_on_photos(name):
+    photo = _metrics_photo(name)
+    H, W = photo.shape[:2]
+    # Crops: one patch, non-multiples of 64, non-square both ways, and one away from the corner.
+    crops = [(0, 0, 64, 64), (0, 0, 100, 130), (0, 0, 192, 320), (0, 0, 330, 200), (H - 256, W - 200, 256, 200)]
+    if name == "retina":  # mostly black border: also look at the textured centre
+        crops.append((600, 600, 256, 256))
+    for entropy in metrics.GLCM_ENTROPIES:
+        for top, left, h, w in crops:
+            rgb = photo[top : top + h, left : left + w]
+            h, w = rgb.shape[:2]  # chelsea is only 300 high
+            ref = _metrics_reference_patches(rgb, entropy)
+            ours = _metrics_ours_patches(rgb, entropy)
+            assert ours.shape == ref.shape == (h // 64, w // 64)
+            # Same values up to float64 summation order (~1e-15); the issue asks for ≤ 1e-9.
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+            score = metrics.glcm_score(rgb, entropy=entropy)
+            assert abs(score - ref.mean()) <= 1e-12
+
+
+def test_metrics_glcm_flat_noise_and_blocky_images():
+    rng = np.random.default_rng(0)
+    flat = np.full((128, 192, 3), (90, 140, 200), dtype=np.uint8)
+    noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    # Stripes and blocks of a few gray values: the same normalized value then shows up in slices
+    # with different pair totals (a 1-pixel column gives 64/4032 at step (0, 1) and 63/3969 at
+    # (1, 1)), which the distinct-value histogram must count as one value.
+    patches = []
+    for width in (1, 2, 3, 5):
+        p = np.zeros((64, 64), np.uint8)
+        p[:, :width] = 1
+        patches += [p, p.T.copy()]
+    patches += list(rng.integers(0, 4, (8, 4, 4)).repeat(16, 1).repeat(16, 2).astype(np.uint8))
+    blocky = np.repeat((np.concatenate(patches, axis=1) * 60)[..., None], 3, axis=2)  # (64, 1024, 3)
+    for rgb in (flat, noise, blocky):
+        for entropy in metrics.GLCM_ENTROPIES:
+            ours, ref = _metrics_ours_patches(rgb, entropy), _metrics_reference_patches(rgb, entropy)
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+    # Flat patch in closed form: 16 entries equal 1 (one full cell per slice), 65520 zeros.
+    p = np.array([16, 65520]) / 65536
+    assert abs(metrics.glcm_score(flat) - float(-(p * np.log2(p)).sum())) < 1e-12
+    assert metrics.glcm_score(flat, entropy="haralick") == 0.0
+    # The stripes really exercised that merging: some patch's reference array holds one value in
+    # two slices whose pair totals differ.
+    from skimage.feature import graycomatrix
+
+    level = metrics.rgb_to_gray(blocky).numpy() // 4
+    totals = np.array([(64 - abs(r)) * (64 - abs(c)) for r, c in metrics.glcm_offsets()]).reshape(4, 4)
+    shared = 0
+    for j in range(level.shape[1] // 64):
+        g = graycomatrix(level[:, 64 * j : 64 * j + 64], [1, 2, 3, 4], _METRICS_ANGLES, levels=64, normed=True)
+        for v in np.unique(g[g > 0]):
+            shared += len(set(totals[np.nonzero((g == v).any(axis=(0, 1)))])) > 1
+    assert shared > 0
+
+
+def test_metrics_glcm_chunking_and_patch_layout():
+    rgb = _metrics_photo("astronaut")[:256, :320]
+    whole = _metrics_ours_patches(rgb)
+    for chunk in (1, 3, 7, 100):  # chunks of patches give the same per-patch values
+        # up to summation order: a chunk's histogram width depends on its largest count
+        np.testing.assert_allclose(_metrics_ours_patches(rgb, chunk=chunk), whole, rtol=0, atol=1e-14)
+    # patch (i, j) is rows 64i.., columns 64j..
+    np.testing.assert_allclose(_metrics_ours_patches(rgb[64:128, 192:256]), whole[1:2, 3:4], rtol=0, atol=1e-14)
+
+
+def test_metrics_glcm_crop_and_inputs(tmp_path):
+    rgb = _metrics_photo("coffee")  # 400×600
+    assert metrics.glcm_score(rgb, crop=256) == metrics.glcm_score(rgb[:256, :256])
+    assert metrics.glcm_score(rgb, crop=300) == metrics.glcm_score(rgb[:256, :256])  # ⌊300/64⌋ = 4 patches
+    with pytest.raises(ValueError, match="smaller than the 512×512 crop"):
+        metrics.glcm_score(rgb, crop=512)
+    with pytest.raises(ValueError, match="smaller than one 64×64"):
+        metrics.glcm_score(rgb[:63])
+    with pytest.raises(ValueError, match="entropy must be one of"):
+        metrics.glcm_score(rgb, entropy="shannon")
+    # Path, PIL image and array give the same score.
+    path = tmp_path / "coffee.png"
+    Image.fromarray(rgb).save(path)
+    s = metrics.glcm_score(rgb)
+    assert metrics.glcm_score(path) == s and metrics.glcm_score(str(path)) == s
+    assert metrics.glcm_score(Image.open(path)) == s
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, compression ratio, reconstruction metrics
+
+
+def test_metrics_load_image_conversions(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (70, 90, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], -1)).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(metrics.load_image(tmp_path / "rgba.png"), rgb)  # alpha dropped
+    gray = rgb[..., 0]
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(metrics.load_image(tmp_path / "gray.png"), np.repeat(gray[..., None], 3, -1))
+    g16 = rng.integers(0, 65536, (70, 90)).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # really stored as 16 bits
+    np.testing.assert_array_equal(metrics.load_image(tmp_path / "g16.png")[..., 1], (g16 >> 8).astype(np.uint8))
+    pal = Image.fromarray(rgb).convert("P")
+    pal.save(tmp_path / "pal.png")
+    np.testing.assert_array_equal(metrics.load_image(tmp_path / "pal.png"), np.asarray(pal.convert("RGB")))
+    # EXIF orientation 6 (rotate 90° clockwise to view) is applied.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    assert metrics.load_image(tmp_path / "rot.jpg").shape == (90, 70, 3)
+
+
+def test_metrics_compression_ratio_matches_pillow(tmp_path):
+    from io import BytesIO
+
+    for name in ("astronaut", "rocket"):
+        rgb = _metrics_photo(name)
+        buf = BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", quality=95)
+        expected = rgb.shape[0] * rgb.shape[1] * 3 / len(buf.getvalue())
+        assert metrics.compression_ratio(rgb) == expected  # same encoder, same bytes: exact
+        assert metrics.jpeg_size(rgb) == len(buf.getvalue())
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rgb).save(path)
+        assert metrics.compression_ratio(path) == expected == metrics.compression_ratio(Image.open(path))
+    flat = np.full((256, 256, 3), 128, dtype=np.uint8)
+    assert metrics.compression_ratio(flat) > 5 * metrics.compression_ratio(_metrics_photo("astronaut")[:256, :256])
+
+
+def test_metrics_psnr_ssim_nmse_match_scikit_image():
+    from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(2)
+    for name, shape in (("chelsea", None), ("astronaut", (123, 77))):
+        ref = _metrics_photo(name)
+        if shape:
+            ref = ref[: shape[0], : shape[1]]
+        img = np.clip(ref + rng.normal(0, 12, ref.shape), 0, 255).astype(np.uint8)
+        # float64 on both sides; differences are summation order only.
+        expected_psnr = peak_signal_noise_ratio(ref, img, data_range=255)
+        expected_nmse = normalized_root_mse(ref, img, normalization="euclidean") ** 2  # reference first
+        assert metrics.psnr(img, ref) == pytest.approx(expected_psnr, rel=1e-12)
+        assert metrics.nmse(img, ref) == pytest.approx(expected_nmse, rel=1e-12)
+        expected = structural_similarity(img, ref, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=255, channel_axis=-1)
+        assert metrics.ssim(img, ref) == pytest.approx(expected, rel=1e-10)
+        assert metrics.ssim(ref, img) == pytest.approx(expected, rel=1e-10)  # symmetric
+    assert metrics.psnr(ref, ref) == math.inf and metrics.nmse(ref, ref) == 0
+    assert metrics.ssim(ref, ref) == pytest.approx(1, abs=1e-12)
+    with pytest.raises(ValueError, match="sizes differ"):
+        metrics.psnr(ref, ref[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _metrics_cli(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, str(_METRICS_ROOT / "metrics.py"), *map(str, args), "--quiet"],
+                          capture_output=True, text=True, cwd=_METRICS_ROOT)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def test_metrics_cli_folder_report_and_json(tmp_path):
+    d, ref_dir = tmp_path / "images", tmp_path / "ref"
+    (d / "sub").mkdir(parents=True)
+    ref_dir.mkdir()
+    astro, coffee = _metrics_photo("astronaut")[:192, :256], _metrics_photo("coffee")[:128, :200]
+    Image.fromarray(astro).save(d / "astro.png")
+    Image.fromarray(coffee).save(d / "sub" / "coffee.jpg", quality=90)
+    Image.fromarray(np.concatenate([astro, np.full(astro.shape[:2] + (1,), 7, np.uint8)], -1)).save(d / "rgba.png")
+    Image.fromarray(astro[..., 1]).save(d / "gray.png")
+    Image.fromarray(astro[..., 0].astype(np.uint16) * 257).save(d / "g16.png")
+    Image.fromarray(astro).convert("P").save(d / "palette.png")
+    Image.fromarray(astro[:32, :32]).save(d / "tiny.png")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (d / "notes.txt").write_text("hello")
+    # references: astro matches (with noise), rgba has the wrong size, the rest are missing
+    rng = np.random.default_rng(3)
+    noisy = np.clip(astro + rng.normal(0, 5, astro.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(ref_dir / "astro.png")
+    Image.fromarray(astro[:100]).save(ref_dir / "rgba.png")
+
+    out = tmp_path / "out" / "metrics.json"
+    proc = _metrics_cli(d, "--ref", ref_dir, "--json", out, check_rc=0)
+    result = json.loads(out.read_text())  # valid JSON
+    assert not list(out.parent.glob(".*tmp"))  # the temporary file was renamed away
+    names = [r["file"] for r in result["images"]]
+    assert names == ["astro.png", "g16.png", "gray.png", "palette.png", "rgba.png", "sub/coffee.jpg"]
+    skipped = {s["file"]: s["reason"] for s in result["skipped"]}
+    assert set(skipped) == {"corrupt.png", "notes.txt", "tiny.png"}
+    assert "not an image" in skipped["notes.txt"] and "unreadable" in skipped["corrupt.png"]
+    assert "32×32" in skipped["tiny.png"] and "64×64" in skipped["tiny.png"]
+    unmatched = {u["file"]: u["reason"] for u in result["unmatched"]}
+    assert "differs" in unmatched["rgba.png"] and "no file" in unmatched["gray.png"]
+    for name in ("corrupt.png", "notes.txt", "tiny.png", "rgba.png"):
+        assert name in proc.stdout  # reported in the printed summary too
+    rows = {r["file"]: r for r in result["images"]}
+    # Per-image values are the library's, on the documented conversions.
+    for name, row in rows.items():
+        rgb = metrics.load_image(d / name)
+        assert row["glcm"] == pytest.approx(metrics.glcm_score(rgb), abs=1e-12)
+        assert row["compression_ratio"] == pytest.approx(metrics.compression_ratio(rgb), rel=1e-12)
+    assert rows["astro.png"]["psnr"] == pytest.approx(metrics.psnr(astro, noisy), rel=1e-12)
+    assert rows["astro.png"]["ssim"] == pytest.approx(metrics.ssim(astro, noisy), rel=1e-12)
+    assert "psnr" not in rows["rgba.png"]
+    s = result["summary"]
+    assert s["images"] == 6 and s["pairs"] == 1
+    raw = sum(r["width"] * r["height"] * 3 for r in rows.values())
+    assert s["compression_ratio_of_totals"] == pytest.approx(raw / sum(r["jpeg_bytes"] for r in rows.values()))
+    assert s["glcm_mean"] == pytest.approx(np.mean([r["glcm"] for r in rows.values()]))
+
+    # --crop and --glcm-entropy reach the score
+    out2 = tmp_path / "crop.json"
+    _metrics_cli(d / "sub", "--crop", 128, "--glcm-entropy", "haralick", "--json", out2, check_rc=0)
+    row = json.loads(out2.read_text())["images"][0]
+    assert row["glcm"] == pytest.approx(metrics.glcm_score(d / "sub" / "coffee.jpg", crop=128, entropy="haralick"))
+
+
+def test_metrics_cli_bad_input_is_one_line(tmp_path, capsys):
+    # In a fresh interpreter: a missing folder ends with status 2 and one line, no traceback.
+    proc = _metrics_cli(tmp_path / "missing")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or directory"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    cases = [
+        ((tmp_path / "empty",), "no files"),
+        ((tmp_path / "text",), "no readable image of at least 64×64 (1 file(s) skipped: a.txt: not an image)"),
+        ((tmp_path / "text", "--ref", tmp_path / "nope"), "--ref"),
+        ((tmp_path / "text", "--crop", "32"), "--crop must be at least 64"),
+    ]
+    for args, message in cases:
+        assert metrics.main([*map(str, args), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+# ====================================================================================================
+# vae
+# ====================================================================================================
+
+_VAE_GROUPS = 8  # tiny widths (32, 64) are divisible by it
+
+
+def _vae_diffusers(block_out_channels=(32, 64), seed=0):
+    """A tiny diffusers AutoencoderKL in the Flux layout (no quant convs) with random weights, norms included."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    levels = len(block_out_channels)
+    d = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=list(block_out_channels), layers_per_block=1,
+        latent_channels=4, norm_num_groups=_VAE_GROUPS, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    _vae_randomize(d)
+    return d.eval()
+
+
+def _vae_randomize(module):
+    # Default init leaves GroupNorm at weight 1 / bias 0, which would hide a swapped norm mapping.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+
+
+def _vae_tiny_params(stride=1, ch_mult=(1, 2)):
+    return replace(vae.VAE_CONFIGS["flux"], ch=32, ch_mult=ch_mult, num_res_blocks=1, z_channels=4,
+                   groups=_VAE_GROUPS, stride=stride)
+
+
+def _vae_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _vae_f16_reference(d, z, return_feature=False):
+    """The UNpartitioned F16 decoder written from diffusers' blocks and plain torch ops (independent of vae.py):
+    trunk, then norm_out, swish, nearest ×2 on the whole map, conv_out with padding 1."""
+    dec = d.decoder
+    h = dec.conv_in(z / 0.3611 + 0.1159)
+    h = dec.mid_block(h)
+    for up_block in dec.up_blocks:
+        h = up_block(h)
+    feat = F.silu(F.group_norm(h, _VAE_GROUPS, dec.conv_norm_out.weight, dec.conv_norm_out.bias, eps=1e-6))
+    x = F.conv2d(F.interpolate(feat, scale_factor=2, mode="nearest"), dec.conv_out.weight, dec.conv_out.bias, padding=1)
+    return (x, feat) if return_feature else x
+
+
+def _vae_diffusers_folder(tmp_path, d, stride=None):
+    folder = tmp_path / "vae"
+    d.save_pretrained(folder)  # config.json + diffusion_pytorch_model.safetensors
+    if stride is not None:  # the Diffusion-4K SC-VAE folders carry "stride": 2
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "stride": stride}))
+    return folder
+
+
+def test_vae_flux_config_matches_the_official_checkpoint():
+    with torch.device("meta"):
+        sd = vae.AutoEncoder(vae.VAE_CONFIGS["flux"]).state_dict()
+    # SPEC §2: 244 tensors, 83,819,683 parameters, and these shapes.
+    assert len(sd) == 244 and sum(v.numel() for v in sd.values()) == 83_819_683
+    assert sd["encoder.conv_in.weight"].shape == (128, 3, 3, 3)
+    assert sd["encoder.conv_out.weight"].shape == (32, 512, 3, 3)
+    assert sd["decoder.conv_in.weight"].shape == (512, 16, 3, 3)
+    assert sd["decoder.conv_out.weight"].shape == (3, 128, 3, 3)
+    assert sd["decoder.up.3.block.2.conv2.weight"].shape == (512, 512, 3, 3)
+    assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.3.downsample.conv.weight" not in sd
+    assert (vae.VAE_CONFIGS["sd3"].scale_factor, vae.VAE_CONFIGS["sd3"].shift_factor) == (1.5305, 0.0609)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+def test_vae_diffusers_folder_loads_and_matches(tmp_path, size):
+    d = _vae_diffusers()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d))
+    assert ae.params.stride == 1 and ae.params.ch_mult == (1, 2) and ae.params.groups == _VAE_GROUPS
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, *size) * 2 - 1
+    with torch.no_grad():
+        ref_mean = d.encode(x).latent_dist.mean
+        z = ae.encode(x)
+        ref_x = d.decode(z / 0.3611 + 0.1159).sample
+        out = ae.decode(z)
+        gen = torch.Generator().manual_seed(3)
+        ref_sample = d.encode(x).latent_dist.sample(generator=gen)
+        z_sample = ae.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
+    # fp32, same math in a different summation order: ≤ 1e-5 of the tensor's scale.
+    assert _vae_rel(z, (ref_mean - 0.1159) * 0.3611) <= 1e-5
+    assert _vae_rel(out, ref_x) <= 1e-5
+    assert _vae_rel(z_sample, (ref_sample - 0.1159) * 0.3611) <= 1e-5
+    assert (z_sample - z).abs().max() > 1e-3  # sampling really adds noise
+
+
+def test_vae_state_dict_converts_to_diffusers(tmp_path):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    torch.manual_seed(0)
+    ae = vae.AutoEncoder(_vae_tiny_params()).eval()
+    _vae_randomize(ae)
+    config = vae.diffusers_config(ae.params)
+    kwargs = {k: v for k, v in config.items() if k not in ("_class_name", "stride")}
+    d = AutoencoderKL(**kwargs)
+    d.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), config), strict=True)  # it pops: a copy
+    # Our own diffusers export reads back into diffusers as well.
+    vae.save_vae(ae, tmp_path / "export")
+    d2 = AutoencoderKL.from_pretrained(tmp_path / "export")
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 48, 64) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x)
+        out = ae.decode(z)
+        for peer in (d.eval(), d2.eval()):
+            # fp32: ≤ 1e-5 of the tensor's scale.
+            assert _vae_rel(z, (peer.encode(x).latent_dist.mean - 0.1159) * 0.3611) <= 1e-5
+            assert _vae_rel(out, peer.decode(z / 0.3611 + 0.1159).sample) <= 1e-5
+    # And the export loads back through load_vae bit for bit.
+    back = vae.load_vae(tmp_path / "export")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ae.state_dict().items())
+
+
+def test_vae_official_single_files(tmp_path):
+    torch.manual_seed(0)
+    ae = vae.AutoEncoder(_vae_tiny_params())
+    sd = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    save_file(sd, tmp_path / "ae.safetensors")  # Flux layout: no prefix, no metadata
+    flux = vae.load_vae(tmp_path / "ae.safetensors")
+    assert (flux.scale_factor, flux.shift_factor) == (0.3611, 0.1159)
+    assert flux.params == replace(_vae_tiny_params(), groups=32)  # groups are not in the shapes: Flux's 32
+    assert all(torch.equal(flux.state_dict()[k], v) for k, v in sd.items())
+    # SD3: the VAE under first_stage_model., next to other models' keys that must be ignored.
+    sd3_file = {"first_stage_model." + k: v for k, v in sd.items()}
+    sd3_file["model.diffusion_model.x_embedder.proj.weight"] = torch.zeros(8, 16, 2, 2)
+    save_file(sd3_file, tmp_path / "sd3.safetensors")
+    sd3 = vae.load_vae(tmp_path / "sd3.safetensors", dtype=torch.bfloat16)
+    assert (sd3.scale_factor, sd3.shift_factor) == (1.5305, 0.0609)
+    assert all(torch.equal(sd3.state_dict()[k], v.to(torch.bfloat16)) for k, v in sd.items())
+    assert sd3.params.ch == 32 and sd3.params.ch_mult == (1, 2) and sd3.params.num_res_blocks == 1
+    assert sd3.params.z_channels == 4
+    assert vae.load_vae(tmp_path / "sd3.safetensors", config="flux").scale_factor == 0.3611
+    assert vae.load_vae(tmp_path / "ae.safetensors", stride=2).params.stride == 2
+    # save_vae keeps stride and groups in the metadata.
+    f16 = vae.AutoEncoder(_vae_tiny_params(stride=2))
+    vae.save_vae(f16, tmp_path / "f16.safetensors")
+    back = vae.load_vae(tmp_path / "f16.safetensors")
+    assert back.params == f16.params
+    assert back.encoder.conv_in.stride == (2, 2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("channels, latent", [((32, 64), (3, 3)), ((32, 64), (5, 7)), ((32,), (7, 5))])
+def test_vae_partitioned_f16_equals_unpartitioned(tmp_path, n, channels, latent):
+    # Feature maps 6×6, 10×14 and odd 7×5 at H/2: square, non-square, not divisible by n, tiles of one pixel.
+    d = _vae_diffusers(channels).double()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=2), dtype=torch.float64)
+    assert ae.params.stride == 2
+    torch.manual_seed(2)
+    z = torch.randn(2, 4, *latent, dtype=torch.float64, requires_grad=True)
+    out = ae.decode(z, partitions=n)
+    ref = _vae_f16_reference(d, z)
+    assert out.shape == ref.shape == (2, 3, 2 ** len(channels) * latent[0], 2 ** len(channels) * latent[1])
+    # fp64: exact up to summation order (a one-pixel shift would be O(1)).
+    assert _vae_rel(out, ref) <= 1e-12
+    # The tiled stage is differentiable (SC-VAE trains through it): same gradient as the reference.
+    g = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad((out * g).sum(), z)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), z)
+    assert _vae_rel(grad, ref_grad) <= 1e-12
+    with torch.no_grad():  # and without autograd (the memory-frugal path)
+        assert _vae_rel(ae.decode(z, partitions=n), ref) <= 1e-12
+
+
+def test_vae_partitioned_f16_fp32_and_bf16(tmp_path):
+    d = _vae_diffusers()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=2))
+    torch.manual_seed(2)
+    z = torch.randn(1, 4, 5, 7)
+    with torch.no_grad():
+        ref = _vae_f16_reference(d, z)
+        # fp32: ≤ 1e-5 of the scale for every n (summation order only).
+        for n in (1, 2, 3, 4):
+            assert _vae_rel(ae.decode(z, partitions=n), ref) <= 1e-5
+        # bf16 weights and activations (8-bit mantissa): within 5% of the scale, and n does not matter more than that.
+        ae16 = vae.load_vae(tmp_path / "vae", dtype=torch.bfloat16)
+        out16 = [ae16.decode(z.bfloat16(), partitions=n).float() for n in (1, 2)]
+        assert _vae_rel(out16[0], ref) <= 5e-2 and _vae_rel(out16[1], ref) <= 5e-2
+
+
+def test_vae_f16_encoder_is_the_strided_first_conv(tmp_path):
+    d = _vae_diffusers()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=2))
+    d.encoder.conv_in.stride = (2, 2)  # the authors' F16 encoder: same 3×3 kernel, stride 2, padding 1
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 48, 64) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x)
+        ref = (d.encode(x).latent_dist.mean - 0.1159) * 0.3611
+    assert z.shape == (1, 4, 12, 16)  # 1/4 here = 1/16 with Flux's four levels
+    assert _vae_rel(z, ref) <= 1e-5  # fp32 summation order
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ae.encode(torch.zeros(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_vae_strip_decoding_is_exact(tmp_path, stride, monkeypatch):
+    d = _vae_diffusers().double()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=stride), dtype=torch.float64)
+    torch.manual_seed(4)
+    z = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    calls = []
+    tiled = vae._tiled_conv
+    monkeypatch.setattr(vae, "_tiled_conv", lambda *a, **k: calls.append(k.get("grid")) or tiled(*a, **k))
+    with torch.no_grad():
+        ae.decoder.strip_pixels = None
+        plain = ae.decode(z, partitions=1)
+        assert len(calls) == 1  # only the last stage
+        ae.decoder.strip_pixels = 7  # strips of one or two rows: exercises the in-place, one-strip-late writes
+        strips = ae.decode(z, partitions=3)
+        ref = _vae_f16_reference(d, z) if stride == 2 else d.decode(z / 0.3611 + 0.1159).sample
+    assert len(calls) > 1 + 6  # every ResnetBlock / Upsample at the 10×12 map went through strips
+    # fp64: exact up to summation order.
+    assert _vae_rel(strips, plain) <= 1e-12 and _vae_rel(strips, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_vae_return_feature(tmp_path, stride):
+    d = _vae_diffusers().double()
+    ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=stride), dtype=torch.float64)
+    torch.manual_seed(5)
+    z = torch.randn(1, 4, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        x, feat = ae.decode(z, return_feature=True)
+        assert feat.shape == (1, 32, 8, 12)  # ch channels before conv_out: H/2 for F16, H for F8
+        assert x.shape == (1, 3, 8 * stride, 12 * stride)
+        assert _vae_rel(x, ae.decode(z)) <= 1e-12  # the same output as without the feature (fp64)
+        if stride == 2:
+            ref_x, ref_feat = _vae_f16_reference(d, z, return_feature=True)
+            assert _vae_rel(feat, ref_feat) <= 1e-12 and _vae_rel(x, ref_x) <= 1e-12
+
+
+def test_vae_load_errors_name_the_keys(tmp_path):
+    ae = vae.AutoEncoder(_vae_tiny_params())
+    sd = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    path = tmp_path / "ae.safetensors"
+
+    def write(mutate):
+        bad = dict(sd)
+        mutate(bad)
+        save_file(bad, path)
+        return path
+
+    with pytest.raises(ValueError, match=r"missing \(1\): decoder\.mid\.attn_1\.q\.bias"):
+        vae.load_vae(write(lambda s: s.pop("decoder.mid.attn_1.q.bias")))
+    with pytest.raises(ValueError, match=r"wrong shape \(1\): decoder\.conv_out\.bias \[5\] \(expected \[3\]\)"):
+        vae.load_vae(write(lambda s: s.__setitem__("decoder.conv_out.bias", torch.zeros(5))))
+    with pytest.raises(ValueError, match=r"unexpected \(1\): decoder\.extra\.weight"):
+        vae.load_vae(write(lambda s: s.__setitem__("decoder.extra.weight", torch.zeros(1))))
+    with pytest.raises(ValueError, match="not a Flux/SD3 autoencoder"):
+        vae.load_vae(write(lambda s: s.clear() or s.__setitem__("model.weight", torch.zeros(1))))
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        vae.load_vae(tmp_path / "nowhere.safetensors")
+    # diffusers folder: the error names the diffusers key as stored in the file.
+    folder = _vae_diffusers_folder(tmp_path, _vae_diffusers())
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    dsd = load_file(weights)
+    dsd.pop("decoder.up_blocks.0.resnets.1.conv2.weight")
+    save_file(dsd, weights)
+    with pytest.raises(ValueError, match=r"missing \(1\): decoder\.up_blocks\.0\.resnets\.1\.conv2\.weight"):
+        vae.load_vae(folder)
+
+
+def test_vae_key_table_is_one_table_both_ways():
+    params = _vae_tiny_params()
+    table = vae.diffusers_key_map(params)
+    assert len(set(table.values())) == len(table)  # a bijection
+    assert table["decoder.up.1.upsample.conv.weight"] == "decoder.up_blocks.0.upsamplers.0.conv.weight"
+    assert table["encoder.mid.attn_1.proj_out.weight"] == "encoder.mid_block.attentions.0.to_out.0.weight"
+    assert table["decoder.up.0.block.0.nin_shortcut.bias"] == "decoder.up_blocks.1.resnets.0.conv_shortcut.bias"
+
+
+def test_vae_attention_chunks_long_sequences_exactly():
+    # 100² = 10,000 positions: without autograd the queries run in two chunks (2^26 scores each at most).
+    torch.manual_seed(6)
+    block = vae.AttnBlock(32, _VAE_GROUPS)
+    _vae_randomize(block)
+    x = torch.randn(1, 32, 100, 100)
+    whole = block(x).detach()  # autograd on: one SDPA call (the path checked against diffusers above)
+    with torch.no_grad():
+        chunked = block(x)
+    assert _vae_rel(chunked, whole) <= 1e-6  # fp32; softmax is per query row, so only rounding differs
+
+
+# ====================================================================================================
+# mmdit
+# ====================================================================================================
+
+def _mmdit_randomize(model: torch.nn.Module, seed: int = 0):
+    """Every parameter random (none left at a zero / one init, so a wrong mapping cannot hide), norm scales
+    near 1, weights ~ 1/sqrt(fan_in); a stored SD3 pos_embed random too, so it must really be loaded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or name.endswith("scale")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+        for name, b in model.named_buffers():
+            if name.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def _mmdit_rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _mmdit_diffusers_flux(guidance=True, heads=2, head_dim=32, axes=(8, 12, 12)):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return _mmdit_randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=guidance,
+        axes_dims_rope=axes))
+
+
+def _mmdit_diffusers_sd3(qk_norm=None, dual=(), heads=2, head_dim=32, max_size=16, layers=3):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    return _mmdit_randomize(SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=24, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=12, pos_embed_max_size=max_size, dual_attention_layers=dual, qk_norm=qk_norm))
+
+
+def _mmdit_flux_inputs(batch=1, h=8, w=8, n_txt=5, guidance=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, h, w, generator=g)
+    return dict(img=mmdit.pack(latents), img_ids=mmdit.flux_img_ids(h, w, batch),
+                txt=torch.randn(batch, n_txt, 24, generator=g), txt_ids=mmdit.flux_txt_ids(n_txt, batch),
+                timesteps=torch.rand(batch, generator=g), y=torch.randn(batch, 12, generator=g),
+                guidance=1 + 4 * torch.rand(batch, generator=g) if guidance else None)
+
+
+def _mmdit_flux_diffusers_forward(model, inp):
+    return model(hidden_states=inp["img"], encoder_hidden_states=inp["txt"], pooled_projections=inp["y"],
+                 timestep=inp["timesteps"], img_ids=inp["img_ids"][0], txt_ids=inp["txt_ids"][0],
+                 guidance=inp["guidance"], return_dict=False)[0]  # diffusers: 2-D ids, ×1000 inside like ours
+
+
+def _mmdit_sd3_inputs(batch=1, h=8, w=8, n_ctx=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(batch, 4, h, w, generator=g), t=1000 * torch.rand(batch, generator=g),
+                y=torch.randn(batch, 12, generator=g), context=torch.randn(batch, n_ctx, 24, generator=g))
+
+
+def _mmdit_sd3_diffusers_forward(model, inp):
+    return model(hidden_states=inp["x"], encoder_hidden_states=inp["context"], pooled_projections=inp["y"],
+                 timestep=inp["t"], return_dict=False)[0]  # diffusers SD3 takes σ·1000 like ours
+
+
+# ---------------------------------------------------------------------------------- diffusers parity
+
+
+@pytest.mark.parametrize("guidance,batch,h,w,heads,head_dim,axes", [
+    (True, 1, 8, 8, 2, 32, (8, 12, 12)),
+    (False, 2, 8, 12, 2, 32, (8, 12, 12)),  # schnell-like, non-square grid, batch 2
+    (True, 2, 12, 6, 1, 64, (16, 24, 24)),  # one 64-wide head, taller than wide
+])
+def test_mmdit_flux_matches_diffusers(tmp_path, guidance, batch, h, w, heads, head_dim, axes):
+    ref = _mmdit_diffusers_flux(guidance, heads, head_dim, axes)
+    ref.save_pretrained(tmp_path)
+    ours = mmdit.load_transformer(str(tmp_path))
+    assert isinstance(ours, mmdit.Flux) and ours.params.axes_dim == axes and ours.params.guidance_embed == guidance
+    inp = _mmdit_flux_inputs(batch, h, w, guidance=guidance)
+    with torch.no_grad():
+        out, expected = ours(**inp), _mmdit_flux_diffusers_forward(ref, inp)
+    assert out.shape == expected.shape == (batch, (h // 2) * (w // 2), 16)
+    # fp32 on both sides; only the op order differs (fused vs split qkv, complex vs real RoPE): ~1e-7
+    assert _mmdit_rel(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("qk_norm,dual,batch,h,w", [
+    (None, (), 1, 8, 8),  # SD3-medium-like
+    (None, (), 2, 12, 20),  # non-square token grid 6×10, cropped off-centre of the 16×16 stored grid
+    ("rms_norm", (), 1, 10, 6),  # SD3.5-large-like: QK RMSNorm
+    ("rms_norm", (0, 1), 2, 8, 14),  # SD3.5-medium-like: QK norm + dual attention (not in the pre-only block)
+])
+def test_mmdit_sd3_matches_diffusers(tmp_path, qk_norm, dual, batch, h, w):
+    ref = _mmdit_diffusers_sd3(qk_norm, dual)
+    ref.save_pretrained(tmp_path)
+    ours = mmdit.load_transformer(str(tmp_path))
+    assert isinstance(ours, mmdit.MMDiT)
+    assert ours.params.qk_norm == (qk_norm is not None) and ours.params.x_block_self_attn_layers == dual
+    inp = _mmdit_sd3_inputs(batch, h, w)
+    with torch.no_grad():
+        out, expected = ours(**inp), _mmdit_sd3_diffusers_forward(ref, inp)
+    assert out.shape == expected.shape == (batch, 4, h, w)
+    assert _mmdit_rel(out, expected) <= 1e-5  # fp32, op order only (fused vs split qkv)
+
+
+def test_mmdit_save_diffusers_layout_loads_in_diffusers(tmp_path):
+    """The table read backwards: our weights written in the diffusers layout load strictly into diffusers."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    flux = _mmdit_randomize(mmdit.Flux(mmdit.FluxParams(
+        in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64, num_heads=2, depth=2,
+        depth_single_blocks=2, axes_dim=(8, 12, 12))))
+    mmdit.save_transformer(flux, str(tmp_path / "flux"), layout="diffusers")
+    ref = FluxTransformer2DModel.from_pretrained(str(tmp_path / "flux")).eval()
+    inp = _mmdit_flux_inputs(2, 8, 12)
+    with torch.no_grad():
+        assert _mmdit_rel(flux(**inp), _mmdit_flux_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
+
+    sd3 = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(
+        in_channels=4, out_channels=4, depth=3, hidden_size=128, num_heads=2, adm_in_channels=12, context_in_dim=24,
+        pos_embed_max_size=16, qk_norm=True, x_block_self_attn_layers=(1,))))
+    mmdit.save_transformer(sd3, str(tmp_path / "sd3"), layout="diffusers")
+    ref = SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3")).eval()
+    inp = _mmdit_sd3_inputs(2, 12, 8)
+    with torch.no_grad():
+        assert _mmdit_rel(sd3(**inp), _mmdit_sd3_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
+
+
+# ---------------------------------------------------- the official layout, checked against diffusers' converters
+
+
+def test_mmdit_sd3_official_layout_through_diffusers_converter():
+    """Our state_dict() with the official prefix, converted by diffusers' own SD3 converter, loads strictly into
+    diffusers and gives our outputs: our key names, qkv order and (shift, scale) order are the official ones."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    ours = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(
+        in_channels=4, out_channels=4, depth=3, hidden_size=128, num_heads=2, adm_in_channels=12, context_in_dim=24,
+        pos_embed_max_size=16, qk_norm=True, x_block_self_attn_layers=(0,))))
+    checkpoint = {mmdit.OFFICIAL_PREFIX + k: v.clone() for k, v in ours.state_dict().items()}
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))  # it pops: give it a copy
+    ref = SD3Transformer2DModel(**{k: v for k, v in mmdit.diffusers_config(ours.params).items() if k[0] != "_"})
+    ref.load_state_dict(converted, strict=True)
+    inp = _mmdit_sd3_inputs(2, 10, 12)
+    with torch.no_grad():
+        assert _mmdit_rel(ours(**inp), _mmdit_sd3_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order only
+
+
+def test_mmdit_flux_official_layout_through_diffusers_converter():
+    """Same for Flux. diffusers' converter splits single_blocks.N.linear1 at fixed rows (3072, 3072, 3072, 12288),
+    so the tiny linear1 is spread to those offsets (zeros elsewhere) and the parts trimmed back afterwards;
+    everything else (names, [q | k | v] order, the final (shift, scale) swap) goes through it untouched."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    p = mmdit.FluxParams(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64,
+                         num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12))
+    ours = _mmdit_randomize(mmdit.Flux(p))
+    H, mlp, offsets = 64, 256, (0, 3072, 6144, 9216)
+    checkpoint = {}
+    for k, v in ours.state_dict().items():
+        if ".linear1." in k:  # rows [q | k | v | mlp] placed at the converter's offsets
+            spread = torch.zeros(21504, *v.shape[1:])
+            for i, start in enumerate(offsets):
+                size = mlp if i == 3 else H
+                spread[start:start + size] = v[i * H:i * H + size]
+            v = spread
+        checkpoint[mmdit.OFFICIAL_PREFIX + k] = v.clone()
+    converted = convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    for k in list(converted):
+        if k.startswith("single_transformer_blocks.") and (".to_" in k or ".proj_mlp." in k):
+            converted[k] = converted[k][:mlp if ".proj_mlp." in k else H]
+    ref = FluxTransformer2DModel(**{k: v for k, v in mmdit.diffusers_config(p).items() if k[0] != "_"})
+    ref.load_state_dict(converted, strict=True)
+    inp = _mmdit_flux_inputs(2, 8, 12)
+    with torch.no_grad():
+        assert _mmdit_rel(ours(**inp), _mmdit_flux_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order
+
+
+def test_mmdit_official_configs_match_spec():
+    """The full-size configs, built on the meta device: tensor counts, parameter counts and key shapes of
+    SPEC §1 / §3, and the config inferred back from those shapes is the same config."""
+    with torch.device("meta"):
+        models = {name: (mmdit.Flux(p) if isinstance(p, mmdit.FluxParams) else mmdit.MMDiT(p))
+                  for name, p in mmdit.CONFIGS.items()}
+    sd = {name: m.state_dict() for name, m in models.items()}
+    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert len(sd["flux-dev"]) == 780 and len(sd["flux-schnell"]) == 776
+    assert n_params["flux-dev"] == 11_901_408_320
+    assert n_params["sd3-medium"] == 2_028_328_000
+    flux = {k: tuple(v.shape) for k, v in sd["flux-dev"].items()}
+    assert flux["img_in.weight"] == (3072, 64) and flux["txt_in.weight"] == (3072, 4096)
+    assert flux["double_blocks.18.img_attn.norm.query_norm.scale"] == (128,)
+    assert flux["double_blocks.0.txt_mod.lin.weight"] == (18432, 3072)
+    assert flux["double_blocks.0.img_mlp.2.weight"] == (3072, 12288)
+    assert flux["single_blocks.37.linear1.weight"] == (21504, 3072)
+    assert flux["single_blocks.0.linear2.weight"] == (3072, 15360)
+    assert flux["single_blocks.0.modulation.lin.weight"] == (9216, 3072)
+    assert flux["final_layer.adaLN_modulation.1.weight"] == (6144, 3072)
+    assert flux["guidance_in.out_layer.bias"] == (3072,) and "guidance_in.in_layer.weight" not in sd["flux-schnell"]
+    sd3 = {k: tuple(v.shape) for k, v in sd["sd3-medium"].items()}
+    assert sd3["pos_embed"] == (1, 36864, 1536) and sd3["x_embedder.proj.weight"] == (1536, 16, 2, 2)
+    assert sd3["joint_blocks.23.context_block.adaLN_modulation.1.weight"] == (3072, 1536)  # pre-only: 2-way
+    assert "joint_blocks.23.context_block.attn.proj.weight" not in sd3
+    assert sd3["final_layer.linear.weight"] == (64, 1536)
+    medium = {k: tuple(v.shape) for k, v in sd["sd3.5-medium"].items()}
+    assert medium["joint_blocks.12.x_block.adaLN_modulation.1.weight"] == (13824, 1536)  # 9-way with attn2
+    assert "joint_blocks.13.x_block.attn2.qkv.weight" not in medium and medium["pos_embed"] == (1, 147456, 1536)
+    assert sd["sd3.5-large"]["joint_blocks.0.context_block.attn.ln_k.weight"].shape == (64,)
+    for name, state in sd.items():
+        family = "flux" if name.startswith("flux") else "sd3"
+        assert mmdit.infer_params({k: tuple(v.shape) for k, v in state.items()}, family) == mmdit.CONFIGS[name]
+
+
+# --------------------------------------------------------------------------------------- loader layouts
+
+
+def _mmdit_write_sharded(sd: dict, folder, name="model"):
+    """An official sharded checkpoint: two shards and a safetensors index json."""
+    keys = sorted(sd)
+    shards = {f"{name}-00001-of-00002.safetensors": keys[::2], f"{name}-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for file, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, os.path.join(folder, file))
+        weight_map.update({k: file for k in ks})
+    index = os.path.join(folder, f"{name}.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return index
+
+
+def test_mmdit_flux_loader_layouts(tmp_path):
+    """One tiny Flux written in every layout; each loads through load_transformer to bitwise the same outputs."""
+    p = mmdit.FluxParams(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64,
+                         num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14))  # default split for 32
+    ours = _mmdit_randomize(mmdit.Flux(p))
+    sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
+    paths = []
+    save_file(sd, tmp_path / "plain.safetensors")
+    paths.append(tmp_path / "plain.safetensors")
+    save_file({mmdit.OFFICIAL_PREFIX + k: v for k, v in sd.items()} | {"vae.extra": torch.zeros(1)},
+              tmp_path / "prefixed.safetensors")
+    paths.append(tmp_path / "prefixed.safetensors")
+    (tmp_path / "sharded").mkdir()
+    paths.append(_mmdit_write_sharded(sd, tmp_path / "sharded"))
+    paths.append(tmp_path / "sharded")  # the folder: found through its index
+    mmdit.save_transformer(ours, str(tmp_path / "pipe" / "transformer"), layout="diffusers")
+    paths.append(tmp_path / "pipe")  # a pipeline folder with transformer/
+    ref = _mmdit_diffusers_flux(axes=(4, 14, 14))
+    ref.load_state_dict(mmdit.to_diffusers(sd, "flux"))
+    ref.save_pretrained(tmp_path / "dshard", max_shard_size="40KB")  # diffusers shards + index json
+    assert len(list((tmp_path / "dshard").glob("*.safetensors"))) > 1
+    paths += [tmp_path / "dshard", next((tmp_path / "dshard").glob("*.index.json"))]
+
+    inp = _mmdit_flux_inputs(2, 8, 12)
+    with torch.no_grad():
+        expected = ours(**inp)
+        for path in paths:
+            loaded = mmdit.load_transformer(str(path))
+            assert loaded.params == p, path
+            assert torch.equal(loaded(**inp), expected), path  # same tensors, same code: bitwise
+    bf16 = mmdit.load_transformer(str(paths[0]), dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in bf16.state_dict().values())
+    with torch.no_grad():
+        out = bf16(**inp)
+    assert out.dtype == torch.bfloat16 and _mmdit_rel(out.float(), expected) < 3e-2  # bf16 weights: ~1e-2
+
+
+def test_mmdit_sd3_loader_layouts(tmp_path):
+    """SD3 single files carry the VAE and text encoders next to the denoiser: they are ignored. A head_dim
+    other than the official 64 is kept through save_transformer's metadata."""
+    p = mmdit.SD3Params(in_channels=4, out_channels=4, depth=2, hidden_size=128, num_heads=2, adm_in_channels=12,
+                        context_in_dim=24, pos_embed_max_size=16)
+    ours = _mmdit_randomize(mmdit.MMDiT(p))
+    sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
+    save_file({mmdit.OFFICIAL_PREFIX + k: v for k, v in sd.items()}
+              | {"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2),
+                 "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(3)},
+              tmp_path / "sd3_medium_incl_clips.safetensors")
+    (tmp_path / "sharded").mkdir()
+    index = _mmdit_write_sharded(sd, tmp_path / "sharded")
+    inp = _mmdit_sd3_inputs(2, 8, 12)
+    with torch.no_grad():
+        expected = ours(**inp)
+        for path in (tmp_path / "sd3_medium_incl_clips.safetensors", index):
+            loaded = mmdit.load_transformer(str(path))
+            assert loaded.params == p
+            assert torch.equal(loaded(**inp), expected)  # bitwise: same tensors, same code
+
+    odd = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(
+        in_channels=4, out_channels=4, depth=2, hidden_size=64, num_heads=2, adm_in_channels=12, context_in_dim=24,
+        pos_embed_max_size=16)))  # head_dim 32: not inferable from shapes without QK-norm
+    mmdit.save_transformer(odd, str(tmp_path / "odd.safetensors"))
+    loaded = mmdit.load_transformer(str(tmp_path / "odd.safetensors"))
+    assert loaded.params.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(**inp), odd(**inp))
+
+
+def test_mmdit_sd3_pos_embed_formula_and_crop():
+    """The from-formula embedding equals diffusers' (integer positions when base size = grid), and the crop
+    takes the centre window of the stored grid (here a recognisable ramp)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    ref = get_2d_sincos_pos_embed(64, 12, base_size=12, interpolation_scale=1.0, output_type="pt")
+    assert (mmdit.sincos_pos_embed_2d(64, 12) - ref.float()).abs().max() <= 1e-6  # fp32 rounding of sin/cos
+
+    model = mmdit.MMDiT(mmdit.SD3Params(in_channels=4, out_channels=4, depth=1, hidden_size=64, num_heads=1,
+                                        adm_in_channels=12, context_in_dim=24, pos_embed_max_size=8))
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.arange(64.0)[None, :, None].expand(1, 64, 64))  # token index as the value
+    crop = model.cropped_pos_embed(3, 4)[0, :, 0]  # top = (8-3)//2 = 2, left = (8-4)//2 = 2
+    assert crop.tolist() == [8.0 * r + c for r in range(2, 5) for c in range(2, 6)]
+
+
+def test_mmdit_sd3_too_large_grid_raises():
+    model = mmdit.MMDiT(mmdit.SD3Params(in_channels=4, out_channels=4, depth=1, hidden_size=64, num_heads=1,
+                                        adm_in_channels=12, context_in_dim=24, pos_embed_max_size=8))
+    inp = _mmdit_sd3_inputs(1, 18, 4)  # 9 × 2 tokens > 8
+    with pytest.raises(ValueError, match=r"pos_embed_max_size 8 .*16×16 \(128 px"):
+        model(**inp)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(**_mmdit_sd3_inputs(1, 7, 4))
+
+
+def test_mmdit_loader_errors(tmp_path):
+    p = mmdit.FluxParams(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64,
+                         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 14, 14))
+    sd = {k: v.contiguous() for k, v in mmdit.Flux(p).state_dict().items()}
+    missing = dict(sd)
+    del missing["double_blocks.0.txt_attn.proj.bias"]
+    save_file(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"missing 1 \(double_blocks\.0\.txt_attn\.proj\.bias\), unexpected 0"):
+        mmdit.load_transformer(str(tmp_path / "missing.safetensors"))
+    save_file(sd | {"double_blocks.0.img_attn.extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected 1 \(double_blocks\.0\.img_attn\.extra\.weight\)"):
+        mmdit.load_transformer(str(tmp_path / "extra.safetensors"))
+    wrong = dict(sd)
+    wrong["single_blocks.0.linear2.weight"] = torch.zeros(64, 10)
+    save_file(wrong, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match=r"single_blocks\.0\.linear2\.weight has shape \(64, 10\)"):
+        mmdit.load_transformer(str(tmp_path / "shape.safetensors"))
+    save_file({"encoder.conv_in.weight": torch.zeros(2)}, tmp_path / "vae.safetensors")
+    with pytest.raises(ValueError, match="not a Flux or SD3 transformer"):
+        mmdit.load_transformer(str(tmp_path / "vae.safetensors"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        mmdit.load_transformer(str(tmp_path / "absent.safetensors"))
+    dsd = mmdit.to_diffusers(sd, "flux")
+    del dsd["transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(ValueError, match=r"missing \['transformer_blocks\.0\.attn\.to_k\.weight'\]"):
+        mmdit.from_diffusers(dsd, "flux")
+    assert p.guidance_embed
+    with pytest.raises(ValueError, match="guidance-distilled"):  # dev-style model called without guidance
+        mmdit.Flux(p)(**_mmdit_flux_inputs(1, 4, 4, guidance=False))
+
+
+# ------------------------------------------------------------------------------- helpers and training hooks
+
+
+def test_mmdit_pack_unpack_and_ids():
+    lat = torch.randn(2, 16, 6, 10)
+    x = mmdit.pack(lat)
+    assert x.shape == (2, 15, 64)
+    # "b c (h 2) (w 2) -> b (h w) (c 2 2)": token (i, j), channel 4c + 2a + b is latent[c, 2i + a, 2j + b]
+    for i, j, c, a, b in [(0, 0, 0, 0, 1), (2, 4, 15, 1, 0), (1, 3, 7, 1, 1)]:
+        assert x[1, i * 5 + j, 4 * c + 2 * a + b] == lat[1, c, 2 * i + a, 2 * j + b]
+    assert torch.equal(mmdit.unpack(x, 6, 10), lat)
+    ids = mmdit.flux_img_ids(6, 10, batch=2)
+    assert ids.shape == (2, 15, 3) and ids[0, 7].tolist() == [0.0, 1.0, 2.0]  # token 7 = row 1, col 2
+    assert mmdit.flux_txt_ids(4, 2).shape == (2, 4, 3) and not mmdit.flux_txt_ids(4).any()
+    with pytest.raises(ValueError, match="even"):
+        mmdit.pack(torch.zeros(1, 16, 5, 4))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_mmdit_gradient_checkpointing(family):
+    """Checkpointing changes nothing numerically, really recomputes each block in backward, and the block
+    lists for FSDP are exposed."""
+    if family == "flux":
+        model = _mmdit_randomize(mmdit.Flux(mmdit.FluxParams(
+            in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64, num_heads=2, depth=1,
+            depth_single_blocks=2, axes_dim=(4, 14, 14))))
+        inp = _mmdit_flux_inputs(2, 4, 6)
+        assert model.blocks() == [*model.double_blocks, *model.single_blocks]
+    else:
+        model = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(
+            in_channels=4, out_channels=4, depth=2, hidden_size=64, num_heads=1, adm_in_channels=12,
+            context_in_dim=24, pos_embed_max_size=8, qk_norm=True, x_block_self_attn_layers=(0,))))
+        inp = _mmdit_sd3_inputs(2, 4, 6)
+        assert model.blocks() == list(model.joint_blocks)
+    calls = []
+    for block in model.blocks():
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute stops early: no post-hook
+    grads = []
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        model.zero_grad()
+        calls.clear()
+        model(**inp).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert len(calls) == len(model.blocks()) * (2 if on else 1)  # recomputed in backward
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # same math, recomputation only
 
 
 # ====================================================================================================
@@ -688,3 +1737,268 @@ def test_text_encoders_embedding_cache(tmp_path):
     with pytest.raises(ValueError, match="model_id"):
         te.SD3Conditioner(te.CLIPText(other.clip_l.config), other.clip_g, other.clip_l_tokenizer,
                           other.clip_g_tokenizer, context_dim=96).cache_key("x")  # a model built in code needs a name
+
+
+# ====================================================================================================
+# sample
+# ====================================================================================================
+
+def _sample_diffusers_scheduler(**kwargs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**kwargs)
+
+
+@pytest.mark.parametrize("image_seq_len", [256, 1024, 4096, 16384, 65536])
+@pytest.mark.parametrize("steps", [4, 28, 50])
+def test_sample_flux_schedule_matches_diffusers(image_seq_len, steps):
+    # FLUX.1-dev's scheduler config in diffusers: dynamic exponential shift through (256, 0.5), (4096, 1.15).
+    scheduler = _sample_diffusers_scheduler(
+        use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
+    )
+    mu = sample.flux_mu(image_seq_len)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # as FluxPipeline calls it
+    ours = sample.flux_schedule(steps, image_seq_len)
+    # diffusers computes in fp32 (ulp 6e-8 near 1); we compute in fp64.
+    torch.testing.assert_close(ours, scheduler.sigmas.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:-1] * 1000, scheduler.timesteps.double(), rtol=1e-6, atol=0)
+    assert ours[0] == 1 and ours[-1] == 0
+
+
+def test_sample_flux_mu_at_4096():
+    # 4096² with the F16 autoencoder: 256² latents packed 2×2 -> 16384 tokens; mu ≈ 3.23 (SPEC §7).
+    assert sample.flux_mu(16384) == pytest.approx(3.23, abs=1e-9)
+
+
+def test_sample_schnell_schedule_is_unshifted():
+    torch.testing.assert_close(sample.flux_schedule(4, 16384, shift=False), torch.linspace(1, 0, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+def test_sample_sd3_schedule_matches_diffusers(steps):
+    scheduler = _sample_diffusers_scheduler(shift=3.0)  # SD3's scheduler config
+    scheduler.set_timesteps(steps)
+    ours = sample.sd3_schedule(steps)
+    torch.testing.assert_close(ours, scheduler.sigmas.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:-1] * 1000, scheduler.timesteps.double(), rtol=1e-6, atol=0)
+
+
+def test_sample_euler_matches_diffusers_step():
+    # One Euler step of ours against the scheduler's step() with the same velocity.
+    scheduler = _sample_diffusers_scheduler(shift=3.0)
+    scheduler.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = x.clone()
+    for t in scheduler.timesteps:
+        expected = scheduler.step(v, t, expected).prev_sample
+    ours = sample.denoise(lambda x_, s: v, x.double(), sample.sd3_schedule(6))
+    torch.testing.assert_close(ours.float(), expected, rtol=0, atol=1e-5)  # fp32 round-off over 6 steps
+
+
+def test_sample_noise_is_seeded_on_cpu():
+    a = sample.get_noise(2, 64, 96, 16, seed=7)
+    b = sample.get_noise(2, 64, 96, 16, seed=7)
+    assert a.shape == (2, 16, 4, 6) and torch.equal(a, b)
+    assert not torch.equal(a, sample.get_noise(2, 64, 96, 16, seed=8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end on tiny random weight directories
+
+
+def _sample_text_encoders(root, *, clip_g: bool, t5_dim: int):
+    """Tiny CLIP-L (and CLIP-G) and T5 made by transformers (test-only), their tokenizers, written to `root`
+    in both layouts: transformers folders text_encoder*/ and single official-style files."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip_dir, t5_dir = sample._tiny_tokenizer_files(root / "_tokenizers")
+    vocab = len(__import__("json").loads((clip_dir / "vocab.json").read_text()))
+    clip_cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=1, max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    models = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg, projection_dim=64))}
+    if clip_g:
+        # quick_gelu: a config-less file this narrow is read as OpenAI-style CLIP (the real CLIP-G is 1280 wide).
+        models["clip_g"] = CLIPTextModelWithProjection(CLIPTextConfig(**{**clip_cfg, "hidden_size": 128,
+                                                                         "num_attention_heads": 2}, projection_dim=128))
+    models["t5"] = T5EncoderModel(T5Config(vocab_size=100, d_model=t5_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                           feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    return models, clip_dir, t5_dir
+
+
+def _sample_write_weights(root, family: str, layout: str, parts):
+    """A weights directory for a tiny `family` model in the official or diffusers layout."""
+    import shutil
+
+    import mmdit
+    import vae as vae_lib
+    from safetensors.torch import save_file
+
+    models, clip_dir, t5_dir, transformer, ae = parts
+    root.mkdir(parents=True, exist_ok=True)
+    folders = {"flux": {"clip_l": "text_encoder", "t5": "text_encoder_2"},
+               "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}}[family]
+    tokenizers = {"flux": [("tokenizer", clip_dir), ("tokenizer_2", t5_dir)],
+                  "sd3": [("tokenizer", clip_dir), ("tokenizer_2", clip_dir), ("tokenizer_3", t5_dir)]}[family]
+    for name, src in tokenizers:
+        shutil.copytree(src, root / name)
+    if layout == "diffusers":
+        (root / "model_index.json").write_text("{}")
+        mmdit.save_transformer(transformer, str(root / "transformer"), layout="diffusers")
+        vae_lib.save_vae(ae, root / "vae")
+        for key, folder in folders.items():
+            models[key].save_pretrained(root / folder)
+        return root
+    files = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl_fp16.safetensors"}
+    if family == "flux":
+        mmdit.save_transformer(transformer, str(root / "flux1-dev.safetensors"))
+        vae_lib.save_vae(ae, root / "ae.safetensors")
+    else:  # one checkpoint with the transformer and the autoencoder, the text encoders in text_encoders/
+        sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
+        sd.update({f"first_stage_model.{k}": v.contiguous() for k, v in ae.state_dict().items()})
+        save_file(sd, str(root / "sd3_medium.safetensors"))
+    for key in folders:
+        target = root / ("text_encoders" if family == "sd3" else ".") / files[key]
+        target.parent.mkdir(exist_ok=True)
+        save_file({k: v.clone().contiguous() for k, v in models[key].state_dict().items()}, str(target))
+    return root
+
+
+def _sample_tiny_ae(stride, config):
+    import dataclasses
+
+    import vae as vae_lib
+
+    torch.manual_seed(1)
+    # 32 channels, 32 groups: official single files carry no group count, and the loader assumes 32.
+    params = dataclasses.replace(vae_lib.VAE_CONFIGS[config], ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
+                                 stride=stride)
+    return vae_lib.AutoEncoder(params)
+
+
+@pytest.fixture(scope="module")
+def _sample_flux_dirs(tmp_path_factory):
+    import mmdit
+
+    root = tmp_path_factory.mktemp("flux")
+    models, clip_dir, t5_dir = _sample_text_encoders(root, clip_g=False, t5_dim=64)
+    torch.manual_seed(2)
+    transformer = mmdit.Flux(mmdit.FluxParams(vec_in_dim=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+                                              num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(8, 12, 12)))
+    parts = (models, clip_dir, t5_dir, transformer, _sample_tiny_ae(stride=2, config="flux"))
+    return {layout: _sample_write_weights(root / layout, "flux", layout, parts) for layout in ("official", "diffusers")}
+
+
+@pytest.fixture(scope="module")
+def _sample_sd3_dirs(tmp_path_factory):
+    import mmdit
+
+    root = tmp_path_factory.mktemp("sd3")
+    models, clip_dir, t5_dir = _sample_text_encoders(root, clip_g=True, t5_dim=256)
+    torch.manual_seed(3)
+    transformer = mmdit.MMDiT(mmdit.SD3Params(depth=2, hidden_size=128, num_heads=2, adm_in_channels=64 + 128,
+                                              context_in_dim=256, pos_embed_max_size=16))
+    parts = (models, clip_dir, t5_dir, transformer, _sample_tiny_ae(stride=1, config="sd3"))
+    return {layout: _sample_write_weights(root / layout, "sd3", layout, parts) for layout in ("official", "diffusers")}
+
+
+def _sample_run(args, tmp_path, name="img.png"):
+    out = tmp_path / name
+    code = sample.main([*args, "--out", str(out), "--device", "cpu"])
+    return code, out
+
+
+def test_sample_flux_both_layouts_same_png(_sample_flux_dirs, tmp_path):
+    from PIL import Image
+
+    common = ["a red fox", "--model", "flux-dev", "--width", "96", "--height", "64", "--steps", "3", "--vae", "f16",
+              "--seed", "5"]
+    code, official = _sample_run([*common, "--weights", str(_sample_flux_dirs["official"])], tmp_path, "a.png")
+    assert code == 0
+    code, diffusers_png = _sample_run([*common, "--weights", str(_sample_flux_dirs["diffusers"])], tmp_path, "b.png")
+    assert code == 0
+    code, again = _sample_run([*common, "--weights", str(_sample_flux_dirs["official"])], tmp_path, "c.png")
+    a, b, c = (Image.open(p) for p in (official, diffusers_png, again))
+    assert a.size == (96, 64) and a.mode == "RGB"
+    assert a.text["prompt"] == "a red fox" and a.text["seed"] == "5" and a.text["model"] == "flux-dev"
+    assert a.text["steps"] == "3" and a.text["guidance"] == "3.5" and a.text["vae"] == "F16"
+    # Same weights in two layouts, same seed: the same pixels (exact: identical fp32 computation).
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    assert np.asarray(a).std() > 0  # not a blank image
+    code, other = _sample_run([*common[:-1], "6", "--weights", str(_sample_flux_dirs["official"])], tmp_path, "d.png")
+    assert not np.array_equal(np.asarray(a), np.asarray(Image.open(other)))
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+
+
+def test_sample_sd3_cfg_path(_sample_sd3_dirs, tmp_path):
+    """SD3 end to end in both layouts, and the CFG arithmetic against a manual loop stepped by diffusers' scheduler."""
+    from PIL import Image
+
+    common = ["a blue car", "--model", "sd3-medium", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
+    pngs = []
+    for layout in ("official", "diffusers"):
+        code, out = _sample_run([*common, "--weights", str(_sample_sd3_dirs[layout])], tmp_path, f"{layout}.png")
+        assert code == 0
+        pngs.append(np.asarray(Image.open(out)))
+    assert pngs[0].shape == (64, 64, 3) and np.array_equal(pngs[0], pngs[1])
+
+    pipe = sample.load_pipeline("sd3-medium", _sample_sd3_dirs["official"], device="cpu", dtype=torch.float32)
+    images, _ = sample.generate(pipe, "a blue car", width=64, height=64, steps=2, guidance=7.0, seed=1, progress=False)
+    scheduler = _sample_diffusers_scheduler(shift=3.0)
+    scheduler.set_timesteps(2)
+    pos, neg = pipe.conditioner(["a blue car"]), pipe.conditioner([""])
+    x = sample.get_noise(1, 64, 64, 8, seed=1)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            cond = pipe.transformer(x, t[None], pos["pooled"], pos["context"])
+            uncond = pipe.transformer(x, t[None], neg["pooled"], neg["context"])
+            x = scheduler.step(uncond + 7.0 * (cond - uncond), t, x).prev_sample
+        expected = pipe.ae.decode(x).clamp(-1, 1)
+    # Batched CFG vs two separate passes, fp64 vs fp32 schedule: fp32 round-off only.
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-4)
+    assert not torch.allclose(images, sample.generate(pipe, "a blue car", width=64, height=64, steps=2, guidance=1.0,
+                                                      seed=1, progress=False)[0])
+
+
+def test_sample_tiny_runs_without_weights(tmp_path):
+    from PIL import Image
+
+    code, out = _sample_run(["x", "--model", "tiny", "--width", "64", "--height", "96", "--steps", "1"], tmp_path)
+    assert code == 0 and Image.open(out).size == (64, 96)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["p", "--model", "flux-dev"], "needs --weights"),
+    (["p", "--model", "flux-dev", "--weights", "/nonexistent/dir"], "weights directory not found"),
+    (["p", "--model", "dalle"], "unknown model"),
+    (["p", "--model", "tiny", "--width", "100"], "multiples of 32"),
+    (["p", "--model", "tiny", "--steps", "0"], "--steps"),
+])
+def test_sample_errors_are_one_line(args, message, tmp_path, capsys):
+    code, out = _sample_run(args, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+def test_sample_missing_piece_is_named(_sample_flux_dirs, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(_sample_flux_dirs["official"], broken)
+    (broken / "ae.safetensors").unlink()
+    code, out = _sample_run(["p", "--model", "flux-dev", "--weights", str(broken)], tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "autoencoder not found" in err and "ae.safetensors" in err and str(broken) in err
+
+
+def test_sample_sd3_grid_limit_is_a_clear_error(_sample_sd3_dirs, tmp_path, capsys):
+    # pos_embed_max_size 16 tokens per side = 256 px with the F8 autoencoder and 2×2 patches.
+    code, _ = _sample_run(["p", "--model", "sd3-medium", "--weights", str(_sample_sd3_dirs["official"]),
+                           "--width", "320", "--height", "64", "--steps", "1"], tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "pos_embed_max_size 16" in err

@@ -1,0 +1,581 @@
+"""Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE.
+
+GLCM score (Eq. 11) — what the authors' evaluation script computes, which is how the paper's numbers
+(0.58–0.80 on 2048² / 4096² images) were produced:
+  1. grayscale with the ITU-R 601 weights, rounded exactly as OpenCV's cvtColor(COLOR_RGB2GRAY) does
+     for uint8 (15-bit fixed point, see `rgb_to_gray`);
+  2. 64 gray levels by integer division by 4;
+  3. non-overlapping 64×64 patches, top-left aligned;
+  4. per patch, gray-level co-occurrence matrices for distances 1, 2, 3, 4 and angles 0°, 45°, 90°,
+     135° (non-symmetric), each (distance, angle) slice normalized to sum 1: a 64×64×4×4 array —
+     scikit-image's `graycomatrix(patch, [1, 2, 3, 4], [0, π/4, π/2, 3π/4], levels=64, normed=True)`;
+  5. the patch's value is the base-2 Shannon entropy of the histogram of the DISTINCT values found in
+     that whole array (what `skimage.measure.shannon_entropy` returns when handed the array: it counts
+     equal floats, it does not sum p·log p over the cells);
+  6. the image's score is the mean over its patches.
+Step 5 is not Haralick's GLCM entropy (−Σ p log p over the cells of each matrix); that one is offered
+as `entropy="haralick"` (mean over the 16 slices of −Σ p·log2 p), see `glcm_score`.
+The authors score only the top-left size×size square; by default we cover the whole image
+(⌊H/64⌋×⌊W/64⌋ patches); `crop=N` restores their behaviour.
+
+Compression ratio (Eq. 12): H·W·3 bytes over the size of the image encoded as JPEG at quality 95 with
+Pillow's defaults. For a folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
+
+PSNR, SSIM (Gaussian window 11, σ = 1.5) and NMSE compare an image with a reference of the same size.
+
+CLI: `python metrics.py DIR [--ref DIR] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# ----------------------------------------------------------------------------------------------------
+# Loading images
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 RGB array.
+
+    Conversions, meant to give what OpenCV's `cv2.imread(path)` (the authors' reader) gives:
+    - the EXIF orientation tag is applied;
+    - alpha is dropped (RGBA, LA, palette with transparency), not composited over a background;
+    - grayscale is replicated to three channels (and our grayscale of (v, v, v) is v again);
+    - 16-bit grayscale keeps its high byte, v >> 8 (truncation, libpng's strip-16);
+    - palette, bilevel, CMYK, YCbCr, ... go through Pillow's conversion to RGB.
+    Raises OSError / ValueError (one-line message) for unreadable or unsupported files.
+    """
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb_array(ImageOps.exif_transpose(im))
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """A path, PIL image or (H, W[, C]) uint8 array -> contiguous (H, W, 3) uint8 RGB array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGB", "L"):
+            image = np.asarray(image)
+        elif image.mode in ("RGBA", "RGBX", "LA"):
+            image = np.asarray(image)[..., : len(image.mode) - 1]  # drop alpha / padding
+        elif image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale
+            image = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        elif image.mode == "F":
+            raise ValueError("floating-point images (mode F) are not supported; save as 8- or 16-bit")
+        elif image.mode in ("P", "PA"):
+            image = np.asarray(image.convert("RGBA"))[..., :3]
+        else:  # "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", ...
+            image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert to 8 bits first")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grayscale, as OpenCV computes it for uint8
+
+# OpenCV (modules/imgproc/src/color_rgb.simd.hpp, RGB2Gray<uchar>; constants in color.hpp) converts
+# uint8 RGB to gray in 15-bit fixed point: RY15 = 9798, GY15 = 19235, BY15 = 3735 (each the float
+# weight ·32768 + 0.5; they sum to 32768), then CV_DESCALE(x, 15) = (x + 2^14) >> 15. The IPP path is
+# used for float32 only, so this is what cv2.cvtColor returns for uint8 on every platform. It differs
+# from round(0.299 R + 0.587 G + 0.114 B) by one level on some colours (tested exhaustively).
+GRAY_WEIGHTS_15BIT = (9798, 19235, 3735)  # R, G, B
+
+
+def rgb_to_gray(rgb) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB (array or tensor) -> (H, W) uint8 gray, bit-exact with OpenCV's cvtColor."""
+    x = torch.as_tensor(rgb)
+    wr, wg, wb = GRAY_WEIGHTS_15BIT
+    gray = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
+    for i in range(0, x.shape[0], 256):  # bands of rows keep the int32 temporaries in cache
+        b = x[i : i + 256].to(torch.int32)
+        gray[i : i + 256] = (b[..., 0] * wr + b[..., 1] * wg + b[..., 2] * wb + (1 << 14)) >> 15
+    return gray
+
+
+# ----------------------------------------------------------------------------------------------------
+# GLCM score (Eq. 11)
+
+GLCM_PATCH = 64  # patch side
+GLCM_LEVELS = 64  # gray levels: 256 // 4
+GLCM_DISTANCES = (1, 2, 3, 4)
+GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
+GLCM_ENTROPIES = ("distinct", "haralick")
+
+
+def _round_half_away(x: float) -> int:
+    return int(x + 0.5) if x > 0 else int(x - 0.5)  # scikit-image's round() in _glcm_loop
+
+
+def glcm_offsets() -> list[tuple[int, int]]:
+    """(row, col) step of each of the 16 (distance, angle) slices, distance-major like graycomatrix.
+
+    scikit-image pairs pixel (r, c) with (r + round(sin(a)·d), c + round(cos(a)·d)), rounding half away
+    from zero. Note 45° at d = 2 rounds to the same step (1, 1) as d = 1 (and 135° to (1, −1)), so the
+    16 slices hold only 14 different matrices, two of them twice.
+    """
+    return [(_round_half_away(math.sin(a) * d), _round_half_away(math.cos(a) * d))
+            for d in GLCM_DISTANCES for a in GLCM_ANGLES]
+
+
+class _GlcmPlan:
+    """Everything about the 16 slices that does not depend on the image, built once per device."""
+
+    def __init__(self, device: torch.device):
+        P = GLCM_PATCH
+        slices = glcm_offsets()
+        self.steps = list(dict.fromkeys(slices))  # the 14 distinct (row, col) steps, first-seen order
+        self.n_slices = len(slices)  # 16
+        self.n_values = self.n_slices * GLCM_LEVELS**2  # entries of the 64×64×4×4 array: 65536
+        # Pairs per step (the normalizer of graycomatrix(normed=True)) and slices per step (1 or 2).
+        totals = [(P - abs(r)) * (P - abs(c)) for r, c in self.steps]
+        mult = [slices.count(s) for s in self.steps]
+        self.totals = torch.tensor(totals, dtype=torch.float64, device=device)
+        self.mult = torch.tensor(mult, dtype=torch.int32, device=device)
+        # Steps with the same number of pairs T hold the same value for the same count: one class
+        # per T (7 classes), smallest T first.
+        class_totals = sorted(set(totals))
+        self.n_classes = len(class_totals)
+        self.step_class = torch.tensor([class_totals.index(T) for T in totals], device=device)
+        # Exact identity of normalized values. A cell with count c in a slice of T pairs holds the
+        # float64 c / T. Counts and totals are < 2^12, so two such floats are equal exactly when the
+        # fractions are (distinct fractions differ by ≥ 1/(T1·T2), far above float64 spacing; equal
+        # fractions round to the same float). So (class, count) names a value, except where two
+        # classes share one: c1 / T1 = c2 / T2, e.g. 63/3969 = 64/4032. List each such (class, count)
+        # with the first (class, count) of that value; classes go by increasing T, so the first one
+        # has the smallest count.
+        M = math.lcm(*class_totals)  # c·(M / T) is an integer, equal exactly when c / T is
+        seen, dup, rep = {}, [], []
+        for k, T in enumerate(class_totals):
+            for c in range(1, T + 1):
+                key = c * (M // T)
+                if key in seen:
+                    dup.append((k, c)), rep.append(seen[key])
+                else:
+                    seen[key] = (k, c)
+        self.dup = torch.tensor(dup, dtype=torch.int64, device=device).view(-1, 2)  # (D, 2) class, count
+        self.rep = torch.tensor(rep, dtype=torch.int64, device=device).view(-1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _glcm_plan(device: str) -> _GlcmPlan:
+    return _GlcmPlan(torch.device(device))
+
+
+def _levels_present(levels: torch.Tensor) -> torch.Tensor:
+    """levels (K, P, P) uint8 -> (K, 64) bool: which gray levels occur in each patch."""
+    K = levels.shape[0]
+    flat = levels.reshape(K, -1).long()
+    ones = torch.ones(1, 1, dtype=torch.int32, device=levels.device).expand_as(flat)
+    return torch.zeros(K, GLCM_LEVELS, dtype=torch.int32, device=levels.device).scatter_add_(1, flat, ones) > 0
+
+
+def _patch_glcm_counts(levels: torch.Tensor, present: torch.Tensor, plan: _GlcmPlan) -> torch.Tensor:
+    """levels (K, P, P) uint8 in [0, 64), present (K, 64) -> co-occurrence counts (K, U, n·n) int32.
+
+    Only the gray levels that occur can have non-zero cells, so each patch's levels are first
+    renumbered 0..n−1 in order (n = most levels in one patch of the chunk, often well below 64): the
+    n×n block then holds every non-zero cell of the 64×64 matrix, and the rest are zeros. Counting is
+    one scatter-add per step over all the patches at once.
+    """
+    K, P, _ = levels.shape
+    n = int(present.sum(1).max())
+    rank = present.cumsum(1) - 1  # (K, 64): compact number of each level that occurs
+    q = rank.gather(1, levels.view(K, -1).long()).view(K, P, P)  # (K, P, P) int64 in [0, n)
+    q_row = q * n
+    counts = torch.zeros(K, len(plan.steps), n * n, dtype=torch.int32, device=levels.device)
+    for u, (dr, dc) in enumerate(plan.steps):
+        # pixel (r, c) pairs with (r + dr, c + dc); keep the pixels whose partner is inside the patch
+        r0, r1, c0, c1 = max(0, -dr), P - max(0, dr), max(0, -dc), P - max(0, dc)
+        cell = (q_row[:, r0:r1, c0:c1] + q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]).view(K, -1)
+        ones = torch.ones(1, 1, dtype=torch.int32, device=levels.device).expand_as(cell)
+        counts[:, u].scatter_add_(1, cell, ones)
+    return counts
+
+
+def _entropy_bits(p: torch.Tensor, dim) -> torch.Tensor:
+    """−Σ p·log2 p along dim (0·log 0 = 0), float64, as scipy.stats.entropy(·, base=2) computes it."""
+    return -torch.special.xlogy(p, p).sum(dim) / math.log(2)
+
+
+def _patch_entropies(levels: torch.Tensor, present: torch.Tensor, plan: _GlcmPlan, entropy: str
+                     ) -> torch.Tensor:
+    """levels (K, P, P) uint8, present (K, 64) -> (K,) float64 per-patch GLCM entropy."""
+    counts = _patch_glcm_counts(levels, present, plan)  # (K, U, n²)
+    K, U, _ = counts.shape
+    if entropy == "haralick":
+        # −Σ p log2 p over the cells of each normalized slice (the cells left out are 0), mean over
+        # the 16 slices.
+        per_step = _entropy_bits(counts.double() / plan.totals.view(1, U, 1), dim=2)  # (K, U)
+        return (per_step * plan.mult).sum(1) / plan.n_slices
+    # Distinct-value entropy: histogram of the values of all 65536 entries of the 64×64×4×4 array.
+    # 1. cells per (step, count), each step weighted by the number of slices using it (1 or 2)
+    c1 = int(counts.max()) + 1
+    weight = plan.mult.view(1, U, 1).expand_as(counts)
+    per_step = torch.zeros(K, U, c1, dtype=torch.int32, device=counts.device)
+    per_step.scatter_add_(2, counts.long(), weight)
+    # 2. merge the steps of a class: same T, same value for the same count
+    per_class = torch.zeros(K, plan.n_classes, c1, dtype=torch.int32, device=counts.device)
+    per_class.index_add_(1, plan.step_class, per_step)
+    # 3. merge the few (class, count) holding the same value as a smaller count of another class
+    keep = plan.dup[:, 1] < c1  # then the representative's count is < c1 too
+    dup, rep = plan.dup[keep], plan.rep[keep]
+    flat = per_class.view(K, -1)  # (K, classes·c1)
+    dup_col, rep_col = dup[:, 0] * c1 + dup[:, 1], rep[:, 0] * c1 + rep[:, 1]
+    flat.index_add_(1, rep_col, flat[:, dup_col])
+    flat[:, dup_col] = 0
+    # 4. the value 0: all entries not in a non-zero cell (including those outside the n×n blocks)
+    per_class[..., 0] = 0
+    flat = flat[:, flat.any(0)]  # only the value bins some patch of the chunk uses
+    zeros = plan.n_values - flat.sum(1, keepdim=True)
+    hist = torch.cat([zeros, flat], 1).double()
+    return _entropy_bits(hist / plan.n_values, dim=1)
+
+
+def glcm_patch_scores(gray_levels: torch.Tensor, *, entropy: str = "distinct", chunk: int | None = None
+                      ) -> torch.Tensor:
+    """Per-patch GLCM entropy of a (H, W) uint8 map of gray levels in [0, 64).
+
+    Returns (⌊H/64⌋, ⌊W/64⌋) float64 on the input's device: patch (i, j) covers rows 64i..64i+63 and
+    columns 64j..64j+63. All patches are processed together, `chunk` at a time to bound memory.
+    """
+    if entropy not in GLCM_ENTROPIES:
+        raise ValueError(f"entropy must be one of {GLCM_ENTROPIES}, got {entropy!r}")
+    P = GLCM_PATCH
+    H, W = gray_levels.shape
+    ph, pw = H // P, W // P
+    if ph == 0 or pw == 0:
+        raise ValueError(f"image {W}×{H} is smaller than one {P}×{P} GLCM patch")
+    device = gray_levels.device
+    plan = _glcm_plan(str(device))
+    patches = gray_levels[: ph * P, : pw * P].reshape(ph, P, pw, P).transpose(1, 2).reshape(-1, P, P)
+    # Patches with few gray levels have small GLCM blocks (see _patch_glcm_counts), so patches with
+    # similar numbers of levels go through together: sort them by it.
+    present = torch.cat([_levels_present(patches[s : s + 1024]) for s in range(0, len(patches), 1024)])
+    order = torch.argsort(present.sum(1), stable=True)
+    # On a CPU, chunks of a few patches per thread keep the per-pair index (8 bytes a pair) in cache;
+    # a GPU takes many at once.
+    chunk = chunk or (512 if device.type == "cuda" else max(16, 4 * torch.get_num_threads()))
+    out = torch.empty(len(patches), dtype=torch.float64, device=device)
+    for s in range(0, len(patches), chunk):
+        idx = order[s : s + chunk]
+        out[idx] = _patch_entropies(patches[idx], present[idx], plan, entropy)
+    return out.view(ph, pw)
+
+
+def glcm_score(image, *, crop: int | None = None, entropy: str = "distinct", device=None) -> float:
+    """GLCM score (Eq. 11) of an image: path, PIL image or (H, W, 3) uint8 array.
+
+    entropy="distinct" (default) reproduces the authors' script (see the module docstring);
+    "haralick" is Haralick's GLCM entropy −Σ p·log2 p, averaged over the 16 slices. Both in bits.
+    crop=N scores only the top-left N×N square, as the authors do; by default the whole image.
+    """
+    rgb = to_rgb_array(image)
+    if crop is not None:
+        if crop < GLCM_PATCH:
+            raise ValueError(f"crop must be at least {GLCM_PATCH}, got {crop}")
+        if rgb.shape[0] < crop or rgb.shape[1] < crop:
+            raise ValueError(f"image {rgb.shape[1]}×{rgb.shape[0]} is smaller than the {crop}×{crop} crop")
+        rgb = rgb[:crop, :crop]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rgb = torch.from_numpy(rgb) if rgb.flags.writeable else torch.tensor(rgb)  # (H, W, 3) uint8
+    levels = rgb_to_gray(rgb.to(device)) >> 2  # 64 levels: gray // 4
+    return glcm_patch_scores(levels, entropy=entropy).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compression ratio (Eq. 12)
+
+
+def jpeg_size(image, quality: int = 95) -> int:
+    """Bytes of the image encoded as JPEG with Pillow's defaults at the given quality."""
+    buf = BytesIO()
+    Image.fromarray(to_rgb_array(image)).save(buf, "JPEG", quality=quality)
+    return buf.tell()
+
+
+def compression_ratio(image, quality: int = 95) -> float:
+    """Eq. 12: raw RGB bytes H·W·3 over the JPEG size. Higher means less detail to encode."""
+    rgb = to_rgb_array(image)
+    return rgb.size / jpeg_size(rgb, quality)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reconstruction metrics on (H, W, 3) uint8 pairs (data range 255)
+
+
+def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:
+    a, b = to_rgb_array(image), to_rgb_array(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"image sizes differ: {a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}")
+    return a.astype(np.float64), b.astype(np.float64)
+
+
+def psnr(image, reference) -> float:
+    """10·log10(255² / MSE) over all pixels and channels; inf for identical images."""
+    a, b = _pair(image, reference)
+    mse = np.mean((a - b) ** 2)
+    return math.inf if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def nmse(image, reference) -> float:
+    """Normalized MSE ‖image − reference‖² / ‖reference‖² (0 if identical; inf for an all-black reference)."""
+    a, b = _pair(image, reference)
+    den = np.sum(b**2)
+    num = np.sum((a - b) ** 2)
+    return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def _gaussian_window(sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def ssim(image, reference) -> float:
+    """Mean SSIM (Wang et al. 2004): Gaussian window 11, σ = 1.5, K1 = 0.01, K2 = 0.03, data range 255.
+
+    Per channel, local means / variances / covariance under the Gaussian window (population
+    covariance), SSIM map averaged over the pixels at least 5 from the border (where the window fits
+    in the image), then over the channels — as skimage's structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1).
+    """
+    from scipy.ndimage import correlate1d
+
+    a, b = _pair(image, reference)
+    r = 5  # window radius: 11 taps
+    if min(a.shape[:2]) < 2 * r + 1:
+        raise ValueError(f"SSIM needs images of at least {2 * r + 1}×{2 * r + 1}")
+    w = _gaussian_window(1.5, r)
+
+    def blur(x):  # (H, W, 3) -> same; borders are cropped below, so the boundary mode does not matter
+        return correlate1d(correlate1d(x, w, axis=0, mode="reflect"), w, axis=1, mode="reflect")
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ux, uy = blur(a), blur(b)
+    vx, vy, vxy = blur(a * a) - ux * ux, blur(b * b) - uy * uy, blur(a * b) - ux * uy
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return float(s[r:-r, r:-r].mean(axis=(0, 1)).mean())
+
+
+# Metrics on (image, reference) pairs reported by the CLI with --ref. Later metrics that need a
+# network (LPIPS) slot in here; set-level ones (FID, CLIPScore) belong in _summarize.
+PAIR_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _UsageError(Exception):
+    """Bad input that ends the CLI with a one-line message and exit status 2."""
+
+
+def _list_files(root: Path) -> list[Path]:
+    """Every non-hidden file under root (or root itself if it is a file), sorted by relative path."""
+    if root.is_file():
+        return [root]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(rgb, None), or (None, reason) for a file that is not a readable image — never raises."""
+    try:
+        return load_image(path), None
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except Exception as e:  # truncated, corrupt, unsupported mode, too large for Pillow, ...
+        message = str(e).strip().splitlines()
+        return None, f"unreadable ({type(e).__name__}: {message[0] if message else 'no details'})"
+
+
+def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
+    """Metrics of one image -> (row or None, why it was skipped, why it has no reference metrics)."""
+    h, w = rgb.shape[:2]
+    side = args.crop or GLCM_PATCH
+    if h < side or w < side:
+        what = f"the {side}×{side} crop" if args.crop else f"a {GLCM_PATCH}×{GLCM_PATCH} GLCM patch"
+        return None, f"{w}×{h} is smaller than {what}", None
+    row = {"file": name, "width": w, "height": h}
+    row["glcm"] = glcm_score(rgb, crop=args.crop, entropy=args.glcm_entropy, device=args.device)
+    row["jpeg_bytes"] = jpeg_size(rgb, quality=95)
+    row["compression_ratio"] = rgb.size / row["jpeg_bytes"]
+    if ref_root is None:
+        return row, None, None
+    ref_path = ref_root / name
+    if not ref_path.is_file():
+        return row, None, "no file of that name under --ref"
+    ref, why = _read(ref_path)
+    if ref is None:
+        return row, None, f"reference {why}"
+    if ref.shape != rgb.shape:
+        return row, None, f"size {w}×{h} differs from the reference's {ref.shape[1]}×{ref.shape[0]}"
+    row.update({key: fn(rgb, ref) for key, fn in PAIR_METRICS.items()})
+    return row, None, None
+
+
+def _evaluate(args) -> dict:
+    root = Path(args.dir)
+    if not root.exists():
+        raise _UsageError(f"{root}: no such file or directory")
+    ref_root = Path(args.ref) if args.ref else None
+    if ref_root is not None and not ref_root.is_dir():
+        raise _UsageError(f"--ref {ref_root}: no such directory")
+    if args.crop is not None and args.crop < GLCM_PATCH:
+        raise _UsageError(f"--crop must be at least {GLCM_PATCH}, got {args.crop}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _UsageError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    files = _list_files(root)
+    if not files:
+        raise _UsageError(f"{root}: no files in this folder")
+    base = root.parent if root.is_file() else root
+
+    from tqdm import tqdm
+
+    rows, skipped, unmatched = [], [], []
+    for path in tqdm(files, desc="metrics", unit="image", file=sys.stderr, disable=args.quiet):
+        name = path.relative_to(base).as_posix()
+        rgb, why = _read(path)
+        row, why, why_no_ref = _image_row(name, rgb, ref_root, args) if rgb is not None else (None, why, None)
+        if row is None:
+            skipped.append({"file": name, "reason": why})
+            continue
+        rows.append(row)
+        if why_no_ref:
+            unmatched.append({"file": name, "reason": why_no_ref})
+    if not rows:
+        raise _UsageError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
+                          f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
+                          f"{', ...' if len(skipped) > 1 else ''})")
+    return {
+        "settings": {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
+                     "jpeg_quality": 95},
+        "summary": _summarize(rows),
+        "images": rows,
+        "skipped": skipped,
+        "unmatched": unmatched,
+    }
+
+
+def _summarize(rows: list[dict]) -> dict:
+    raw_bytes = sum(r["width"] * r["height"] * 3 for r in rows)
+    summary = {
+        "images": len(rows),
+        "glcm_mean": float(np.mean([r["glcm"] for r in rows])),
+        "compression_ratio_of_totals": raw_bytes / sum(r["jpeg_bytes"] for r in rows),  # the paper's
+        "compression_ratio_mean": float(np.mean([r["compression_ratio"] for r in rows])),
+    }
+    pairs = [r for r in rows if all(k in r for k in PAIR_METRICS)]
+    if pairs:
+        summary["pairs"] = len(pairs)
+        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in PAIR_METRICS})
+    return summary
+
+
+def _print_report(result: dict) -> None:
+    rows, s, settings = result["images"], result["summary"], result["settings"]
+    pair_keys = list(PAIR_METRICS) if "pairs" in s else []
+    width = max([4] + [len(r["file"]) for r in rows])
+    header = f"{'file':<{width}}  {'size':>11}  {'GLCM':>7}  {'CR':>7}"
+    header += "".join(f"  {k.upper():>9}" for k in pair_keys)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        size = f"{r['width']}×{r['height']}"
+        line = f"{r['file']:<{width}}  {size:>11}  {r['glcm']:7.4f}  {r['compression_ratio']:7.3f}"
+        print(line + "".join(f"  {r[k]:9.4f}" if k in r else f"  {'-':>9}" for k in pair_keys))
+    area = f"top-left {settings['crop']}² crop" if settings["crop"] else "whole image"
+    print(f"\n{s['images']} image(s) scored")
+    print(f"GLCM score         {s['glcm_mean']:.4f}  (mean; {settings['glcm_entropy']} entropy, {area})")
+    print(f"compression ratio  {s['compression_ratio_of_totals']:.3f}  (ratio of totals, the paper's); "
+          f"mean of per-image ratios {s['compression_ratio_mean']:.3f}")
+    for k in pair_keys:
+        print(f"{k.upper():<18} {s[k + '_mean']:.4f}  (mean over {s['pairs']} pair(s))")
+    for title, items in (("skipped", result["skipped"]), ("without reference metrics", result["unmatched"])):
+        if items:
+            print(f"{title}: {len(items)} file(s)")
+            for it in items:
+                print(f"  {it['file']}: {it['reason']}")
+
+
+def _json_safe(x):
+    """inf / nan (PSNR of identical images) become null: strict JSON has no infinity."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Diffusion-4K image metrics: GLCM score (Eq. 11) and compression ratio (Eq. 12) of every "
+        "image under DIR; with --ref, also PSNR / SSIM / NMSE against the reference image of the same "
+        "relative file name.")
+    parser.add_argument("dir", help="folder of images, searched recursively (or a single image file)")
+    parser.add_argument("--ref", help="folder of reference images, matched by relative file name")
+    parser.add_argument("--json", help="also write per-image results and the summary to this JSON file")
+    parser.add_argument("--crop", type=int, help="GLCM on the top-left N×N square only, as the authors do "
+                        "(default: the whole image)")
+    parser.add_argument("--glcm-entropy", choices=GLCM_ENTROPIES, default="distinct",
+                        help="distinct: entropy of the histogram of distinct GLCM values, the authors' "
+                        "(default); haralick: Haralick's GLCM entropy, mean over the 16 matrices")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device for the GLCM (default: cuda if available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        result = _evaluate(args)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_report(result)
+    if args.json:
+        _write_json_atomic(Path(args.json), result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
