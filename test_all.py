@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import types
@@ -18,6 +19,7 @@ import warnings
 import zipfile
 
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save_file
 import numpy as np
@@ -29,7 +31,9 @@ import torch.nn.functional as F
 import metrics
 import mmdit
 import sample
+import text_encoders
 import text_encoders as te
+import train_wlf
 import vae
 import wavelet
 
@@ -2002,3 +2006,391 @@ def test_sample_sd3_grid_limit_is_a_clear_error(_sample_sd3_dirs, tmp_path, caps
                            "--width", "320", "--height", "64", "--steps", "1"], tmp_path)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "pos_embed_max_size 16" in err
+
+
+# ====================================================================================================
+# train_wlf
+# ====================================================================================================
+
+_TRAIN_WLF_RES = 32  # image side; the tiny VAE has 2 levels: latents 8×8 run as "F16", 16×16 as "F8"
+_TRAIN_WLF_PROMPTS = ["a red square on grass", "blue sky over the sea", "a cat sleeping on a sofa",
+                      "city lights at night", "mountains under snow"]
+
+
+def _train_wlf_images(folder: Path) -> None:
+    """Five small images of different sizes and formats, one corrupt file and one missing file, one bad line."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(40, 48), (48, 36), (64, 64), (33, 50), (50, 40)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([(xx * 255 // w), (yy * 255 // h), rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
+        name = f"img{i}.png" if i % 2 == 0 else f"img{i}.jpg"
+        Image.fromarray(pixels).save(folder / name)
+        rows.append({"file_name": name, "text": _TRAIN_WLF_PROMPTS[i]})
+        if i == 1:
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+            rows.append({"file_name": "broken.png", "text": "a corrupt file"})
+    rows.append({"file_name": "missing.png", "text": "a file that is not there"})
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, "{not json")
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _train_wlf_clip_tokenizer(folder: Path) -> None:
+    """A byte-level CLIP vocabulary without merges: every character is a token (enough for random encoders)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def _train_wlf_t5_tokenizer(folder: Path) -> int:
+    import sentencepiece as spm
+
+    corpus = [p + " " + w for p in _TRAIN_WLF_PROMPTS for w in ("photo", "painting", "ultra detailed", "4k")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 4), model_prefix=str(folder / "spiece"),
+                                   vocab_size=40, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    return 40
+
+
+def _train_wlf_text_encoders(root: Path) -> None:
+    """Random tiny CLIP-L (width 32), CLIP-G (width 32, projection 32) and T5 (d_model 64), each in a folder
+    with its tokenizer, as transformers lays them out (model.safetensors; config from the shapes)."""
+    torch.manual_seed(1)
+    for name, projection in (("clip_l", None), ("clip_g", 32)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        _train_wlf_clip_tokenizer(folder)
+        config = text_encoders.CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=1, projection_dim=projection)
+        model = text_encoders.CLIPText(config)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    folder = root / "t5"
+    folder.mkdir()
+    vocab = _train_wlf_t5_tokenizer(folder)
+    t5 = text_encoders.T5Encoder(text_encoders.T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=64, num_layers=1,
+                                                        num_heads=4))
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, folder / "model.safetensors")
+
+
+def _train_wlf_transformers(root: Path) -> None:
+    torch.manual_seed(2)
+    flux = mmdit.Flux(mmdit.FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64,
+                                       hidden_size=64, mlp_ratio=2.0, num_heads=4, depth=1, depth_single_blocks=2,
+                                       axes_dim=(4, 6, 6), guidance_embed=True))
+    mmdit.save_transformer(flux, str(root / "flux.safetensors"))
+    sd3 = mmdit.MMDiT(mmdit.SD3Params(patch_size=2, in_channels=16, out_channels=16, depth=2, hidden_size=64,
+                                      num_heads=2, adm_in_channels=64, context_in_dim=64, pos_embed_max_size=8))
+    mmdit.save_transformer(sd3, str(root / "sd3.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def _train_wlf_assets(tmp_path_factory):
+    """Images, tiny VAE / text encoders / transformers, and the Flux (F16) and SD3 (F8) shards, built once."""
+    root = tmp_path_factory.mktemp("train_wlf")
+    _train_wlf_images(root / "data")
+    _train_wlf_text_encoders(root / "te")
+    _train_wlf_transformers(root)
+    torch.manual_seed(3)
+    params = vae.AutoEncoderParams(3, 8, 3, (1, 2), 1, 16, scale_factor=0.5, shift_factor=0.1, groups=4)
+    vae.save_vae(vae.AutoEncoder(params), root / "ae.safetensors")  # F4 as stored; --f16 runs it as "F8"
+    te = root / "te"
+    common = ["--data", str(root / "data"), "--vae", str(root / "ae.safetensors"), "--clip-l", str(te / "clip_l"),
+              "--t5", str(te / "t5"), "--t5-tokens", "24", "--resolution", str(_TRAIN_WLF_RES), "--flip",
+              "--workers", "0", "--batch-size", "2", "--shard-size", "3", "--store-dtype", "fp32", "--no-progress"]
+    train_wlf.main(["precompute", "--model", "flux-dev", "--f16", "--out", str(root / "flux_shards"), *common])
+    train_wlf.main(["precompute", "--model", "sd3-medium", "--clip-g", str(te / "clip_g"),
+                    "--out", str(root / "sd3_shards"), *common])
+    return root
+
+
+
+def _train_wlf_run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    """train_wlf.py in a fresh process: under torchrun (--standalone picks a free port) for nproc > 1,
+    plainly otherwise (world size 1 without torchrun)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_wlf.__file__).parent)}
+    result = subprocess.run([*launcher, train_wlf.__file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _train_wlf_train_args(assets: Path, family: str, out: Path, *extra: str) -> list[str]:
+    return ["train", "--shards", str(assets / f"{family}_shards"), "--transformer", str(assets / f"{family}.safetensors"),
+            "--out", str(out), "--precision", "fp32", "--export-dtype", "fp32", "--lr", "1e-3", "--log-every", "1",
+            "--no-progress", *extra]
+
+
+def _train_wlf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _train_wlf_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_wlf_precompute_shards_hold_the_encodings(_train_wlf_assets):
+    """The corrupt file, the missing file and the bad metadata line are skipped and reported; every stored latent is
+    the VAE encoding of its augmented crop, and every prompt embedding the conditioner's output."""
+    root = _train_wlf_assets
+    for family, stride in (("flux", 2), ("sd3", None)):
+        shards = train_wlf.LatentShards(root / f"{family}_shards")
+        m = shards.manifest
+        assert m["complete"] and m["num_samples"] == len(shards) == 5
+        reasons = {s["file_name"]: s["reason"] for s in m["skipped"]}
+        assert set(reasons) == {"broken.png", "missing.png", "metadata.jsonl:4"}
+        assert "UnidentifiedImageError" in reasons["broken.png"] and "FileNotFoundError" in reasons["missing.png"]
+        assert m["latent_shape"] == ([16, 8, 8] if family == "flux" else [16, 16, 16])
+
+        ae = vae.load_vae(root / "ae.safetensors", stride=stride)
+        rows, _ = train_wlf.read_metadata(root / "data")
+        with safe_open(str(root / f"{family}_shards" / "shard-00000.safetensors"), "pt") as f:
+            stored_rows = f.get_tensor("row").tolist()
+        assert [rows[r]["file_name"] for r in stored_rows] == ["img0.png", "img1.jpg", "img2.png"]
+        batch = shards.get([0, 1, 2])
+        images = torch.stack([train_wlf.load_image(root / "data" / rows[r]["file_name"], _TRAIN_WLF_RES,
+                                                   train_wlf.random.Random(f"0/{r}"), True) for r in stored_rows])
+        assert images.shape == (3, 3, _TRAIN_WLF_RES, _TRAIN_WLF_RES) and images.min() >= -1 and images.max() <= 1
+        with torch.no_grad():
+            # Same fp32 computation in the same process order: equal up to summation-order round-off.
+            torch.testing.assert_close(batch["latents"], ae.encode(images), rtol=1e-5, atol=1e-5)
+        te = root / "te"
+        t5 = text_encoders.load_t5(te / "t5")
+        t5_tok = text_encoders.T5Tokenizer(te / "t5", max_length=24)
+        clip_l, clip_l_tok = text_encoders.load_clip(te / "clip_l"), text_encoders.CLIPTokenizer(te / "clip_l")
+        prompts = [rows[r]["text"] for r in stored_rows]
+        if family == "flux":
+            ref = text_encoders.FluxConditioner(clip_l, t5, clip_l_tok, t5_tok)(prompts)
+            ref = {"context": ref["txt"], "pooled": ref["vec"]}
+        else:
+            ref = text_encoders.SD3Conditioner(clip_l, text_encoders.load_clip(te / "clip_g"), clip_l_tok,
+                                               text_encoders.CLIPTokenizer(te / "clip_g", pad_token=0), t5, t5_tok)(prompts)
+        for name in ("context", "pooled"):  # identical encoders, batch composition may differ: fp32 round-off
+            torch.testing.assert_close(batch[name], ref[name], rtol=1e-5, atol=1e-5)
+
+
+def test_train_wlf_precompute_resumes_and_refuses_other_settings(_train_wlf_assets, tmp_path, capsys):
+    """A manifest left incomplete after its first shard continues from there and ends with the same shards; other
+    settings in the same folder are refused with one line."""
+    root, out = _train_wlf_assets, tmp_path / "shards"
+    shutil.copytree(root / "flux_shards", out)
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(complete=False, shards=m["shards"][:1], num_samples=3, next_row=4)  # as written after shard 0
+    (out / "shard-00001.safetensors").unlink()
+    (out / "manifest.json").write_text(json.dumps(m))
+    te = root / "te"
+    args = ["precompute", "--model", "flux-dev", "--f16", "--data", str(root / "data"), "--vae", str(root / "ae.safetensors"),
+            "--clip-l", str(te / "clip_l"), "--t5", str(te / "t5"), "--t5-tokens", "24", "--resolution",
+            str(_TRAIN_WLF_RES), "--flip", "--workers", "0", "--batch-size", "2", "--shard-size", "3",
+            "--store-dtype", "fp32", "--no-progress", "--out", str(out)]
+    train_wlf.main(args)
+    resumed, original = train_wlf.LatentShards(out), train_wlf.LatentShards(root / "flux_shards")
+    assert len(resumed.manifest["skipped"]) == 3
+    a, b = resumed.get(list(range(5))), original.get(list(range(5)))
+    for name in a:  # the crops depend on (seed, row) only: the same tensors again
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    for changed in (["--resolution", "64"], ["--t5-tokens", "16"]):
+        with pytest.raises(SystemExit) as e:
+            train_wlf.main(args + changed)
+        assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_train_wlf_loss_wlf_equal_weights_is_x0_mse():
+    """training_loss: equal-weight one-level WLF == x0-space MSE of x̂0 = x_t − t·v (Parseval); unequal weights
+    match a PyWavelets computation of Eq. 10 and differ from it; "mse" is the velocity MSE."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 8, 12, generator=g, dtype=torch.float64), torch.randn(3, 16, 8, 12, generator=g,
+                                                                                        dtype=torch.float64)
+    t = torch.rand(3, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 16, dtype=torch.float64, generator=g) * 0.3
+    velocity = lambda x, t_: torch.einsum("bchw,cd->bdhw", x, w) + t_.view(-1, 1, 1, 1)  # a fixed linear "model"
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    x0_hat = x_t - tt * velocity(x_t, t)
+    wlf = train_wlf.training_loss(velocity, x0, noise, t, train_wlf.Objective(loss="wlf"))
+    torch.testing.assert_close(wlf, F.mse_loss(x0_hat, x0), rtol=1e-12, atol=0)  # fp64: orthonormal Haar
+    mse = train_wlf.training_loss(velocity, x0, noise, t, train_wlf.Objective(loss="mse"))
+    torch.testing.assert_close(mse, F.mse_loss(velocity(x_t, t), noise - x0), rtol=1e-12, atol=0)
+    assert not torch.isclose(wlf, mse)
+
+    weights = (2.0, 0.5, 1.0, 3.0)
+    weighted = train_wlf.training_loss(velocity, x0, noise, t, train_wlf.Objective(loss="wlf", band_weights=weights))
+    diff = (x0_hat - x0).numpy()
+    ca, (ch, cv, cd) = pywt.dwt2(diff, "haar", axes=(-2, -1))
+    expected = sum(wb * (band**2).sum() for wb, band in zip(weights, (ca, ch, cv, cd))) / diff.size
+    assert abs(weighted.item() - expected) < 1e-12 * expected  # fp64 round-off of an independent DWT
+    assert abs(weighted.item() - wlf.item()) > 1e-3 * wlf.item()
+
+
+def test_train_wlf_timesteps_and_noise_are_keyed_by_position():
+    """Per-sample draws depend on (seed, position) only; logit-normal with shift is in (0, 1) and skewed up."""
+    obj = train_wlf.Objective(timesteps="logit-normal", shift=3.0)
+    t1, e1 = train_wlf.sample_noise(obj, (2, 4, 4), seed=5, position=17)
+    t2, e2 = train_wlf.sample_noise(obj, (2, 4, 4), seed=5, position=17)
+    t3, _ = train_wlf.sample_noise(obj, (2, 4, 4), seed=5, position=18)
+    assert t1 == t2 and torch.equal(e1, e2) and t1 != t3
+    ts = torch.stack([train_wlf.sample_noise(obj, (1,), 0, p)[0] for p in range(2000)])
+    assert 0 < ts.min() and ts.max() < 1
+    # sigmoid(N(0,1)) has median 0.5; shift 3 maps it to 0.75.
+    assert abs(ts.median().item() - 0.75) < 0.03
+    stream = train_wlf.SampleStream(7, seed=1)
+    assert sorted(stream[p] for p in range(7)) == list(range(7)) == sorted(stream[p] for p in range(7, 14))
+
+
+def test_train_wlf_fsdp_matches_single_process_and_resumes(_train_wlf_assets, tmp_path):
+    """Flux-dev (guidance embedding), WLF loss, fp32:
+    A: torchrun 2 ranks × batch 1, FSDP2 + activation checkpointing, 6 steps, checkpoints at 3 and 6, export;
+    B: one process without torchrun, batch 1 × 2 accumulation steps, no checkpointing: the same global batch;
+    C: torchrun 2 ranks resuming A's step-3 checkpoint (beside a half-written save) up to step 6."""
+    root = _train_wlf_assets
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    clip = ["--max-grad-norm", "0.05"]  # below the gradient norms here (0.09-0.4): DTensor clipping is active
+    _train_wlf_run(_train_wlf_train_args(root, "flux", run_a, "--steps", "6", "--batch-size", "1", *clip,
+                                         "--checkpoint-every", "3", "--keep-checkpoints", "2"), 2, tmp_path)
+    _train_wlf_run(_train_wlf_train_args(root, "flux", run_b, "--steps", "6", "--batch-size", "1", "--grad-accum", "2",
+                                         *clip, "--checkpoint-every", "0", "--no-activation-checkpointing"), 1, tmp_path)
+    (run_c / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_a / "checkpoints" / "step-00000003", run_c / "checkpoints" / "step-00000003")
+    (run_c / "checkpoints" / ".step-00000005.tmp").mkdir()  # a save that crashed half-way: never picked
+    (run_c / "checkpoints" / ".step-00000005.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    result = _train_wlf_run(_train_wlf_train_args(root, "flux", run_c, "--steps", "6", "--batch-size", "1", *clip,
+                                                  "--checkpoint-every", "3", "--resume"), 2, tmp_path)
+    assert "resumed from" in result.stdout and "step 3" in result.stdout
+
+    log_a, log_b = _train_wlf_log(run_a), _train_wlf_log(run_b)
+    assert [r["step"] for r in log_a] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in log_a)
+    assert all(r["grad_norm"] > 0.05 for r in log_a)  # clipping was active in every step
+    for ra, rb in zip(log_a, log_b):  # same samples, noise and t: only the reduction order differs
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra, rb)
+
+    a = _train_wlf_tensors(run_a / "transformer.safetensors")
+    b = _train_wlf_tensors(run_b / "transformer.safetensors")
+    c = _train_wlf_tensors(run_c / "transformer.safetensors")
+    start = _train_wlf_tensors(root / "flux.safetensors")
+    assert a.keys() == b.keys() == c.keys() == start.keys()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # 6 Adam steps of lr 1e-3 moved the weights
+    for k in a:
+        # fp32 gradients summed in another order (2 ranks' reduce-scatter vs 2 accumulation steps) differ by a few
+        # ulps; 6 Adam steps keep that at ~1e-6 of an update of 1e-3 per step.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        # Same world size, same order of every reduction: resuming reproduces the run bit for bit.
+        torch.testing.assert_close(c[k], a[k], rtol=0, atol=0, msg=k)
+
+    model = mmdit.load_transformer(str(run_a / "transformer.safetensors"))
+    assert isinstance(model, mmdit.Flux) and model.params.guidance_embed and model.params.axes_dim == (4, 6, 6)
+    assert [p.name for p in sorted((run_a / "checkpoints").iterdir())] == ["step-00000003", "step-00000006"]
+
+
+def test_train_wlf_sd3_overfits_with_two_ranks(_train_wlf_assets, tmp_path):
+    """SD3 on 2 ranks × batch 1 over the same 2 samples (one global batch), stopped after step 20 (--stop-after, as
+    for a job time limit) and resumed to 40: the loss is finite and falls; the exported file loads with
+    load_transformer; `export` turns the last checkpoint into the same file."""
+    root, run = _train_wlf_assets, tmp_path / "run"
+    args = _train_wlf_train_args(root, "sd3", run, "--steps", "40", "--batch-size", "1", "--max-samples", "2",
+                                 "--lr", "1e-2", "--checkpoint-every", "100", "--max-grad-norm", "0")
+    first_half = _train_wlf_run([*args, "--stop-after", "20"], 2, tmp_path)
+    assert "stopped after step 20" in first_half.stdout and not (run / "transformer.safetensors").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000020"]
+    _train_wlf_run([*args, "--resume"], 2, tmp_path)
+    losses = [r["loss"] for r in _train_wlf_log(run)]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    # t and ε are drawn anew each step, so single losses are noisy: compare 10-step means (about 0.3 -> 0.08 here).
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.5 * first, (first, last)
+    model = mmdit.load_transformer(str(run / "transformer.safetensors"))
+    assert isinstance(model, mmdit.MMDiT)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
+    train_wlf.main(["export", "--checkpoint", str(run / "checkpoints" / "step-00000040"), "--transformer",
+                    str(root / "sd3.safetensors"), "--out", str(tmp_path / "exported.safetensors"), "--dtype", "fp32"])
+    a, b = _train_wlf_tensors(run / "transformer.safetensors"), _train_wlf_tensors(tmp_path / "exported.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = _train_wlf_tensors(root / "sd3.safetensors")
+    assert torch.equal(a["pos_embed"], start["pos_embed"])  # the buffer travelled through FSDP and DCP untouched
+
+
+def test_train_wlf_dry_run_memory_plan(capsys):
+    """flux-dev at 4096² (F16: 16384 image tokens), batch 4 per GPU: fits 8 × 80 GiB with FSDP2 + checkpointing,
+    not without checkpointing and not on one GPU. The sharded static part is exact: 16 bytes per parameter / 8."""
+    plan = lambda **kw: train_wlf.memory_plan(mmdit.CONFIGS["flux-dev"], **{
+        "latent_hw": (256, 256), "text_tokens": 512, "batch": 4, "world_size": 8, "gpu_gib": 80, **kw})
+    base = plan()
+    assert base["parameters"] == 11_901_408_320  # SPEC §1
+    rows = dict(base["rows"])
+    assert rows["parameters, fp32, sharded"] == 4 * 11_901_408_320 / 8
+    assert rows["AdamW moments m and v, fp32, sharded"] == 8 * 11_901_408_320 / 8
+    # Checkpointed inputs: 57 blocks each keep a (4, 16896, 3072) bf16 sequence (double blocks as txt + img),
+    # plus the shared vec (4, 3072) bf16 and RoPE rotations (4, 16896, 1, 64) complex64.
+    expected = 57 * 4 * 16896 * 3072 * 2 + 4 * 3072 * 2 + 4 * 16896 * 64 * 8
+    assert rows["checkpointed block inputs (57 blocks)"] == expected
+    assert base["fits"] and 60 * 2**30 < base["total"] < 80 * 2**30
+    assert not plan(activation_checkpointing=False)["fits"]
+    assert not plan(world_size=1)["fits"]
+    train_wlf.main(["train", "--dry-run", "--model", "flux-dev", "--resolution", "4096", "--f16", "--batch-size", "4",
+                    "--world-size", "8", "--gpu-memory", "80"])
+    out = capsys.readouterr().out
+    assert "16384 image + 512 text tokens" in out and "fits" in out and "NOT" not in out
+
+
+def test_train_wlf_dry_run_probe_counts_saved_activations():
+    """The meta-device probe of a tiny Flux: a block keeps several activations of its sequence (so more than its
+    input), the fp32 QK-norm outputs are counted at 4 bytes, and the flash-style attention stand-in keeps no
+    L×L matrix (the count grows linearly, not quadratically, with the sequence)."""
+    params = mmdit.FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=64,
+                              mlp_ratio=2.0, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
+    with torch.device("meta"):
+        model = mmdit.Flux(params).to(torch.bfloat16)
+    small = train_wlf.probe_activations(model, (2, 16, 16, 16), 8, 32, 64, torch.bfloat16)
+    large = train_wlf.probe_activations(model, (2, 16, 32, 64), 8, 32, 64, torch.bfloat16)
+    seq_small, seq_large = 64 + 8, 512 + 8
+    for probe, seq in ((small, seq_small), (large, seq_large)):
+        single_input = 2 * seq * 64 * 2  # (B, L, H) bf16
+        assert probe["block_saved"][1] > 10 * single_input
+    # 7.2× the tokens: per-token activations scale by 7.2, the (B, 1, 3H) modulations not at all; an L×L score
+    # matrix per head would scale by 52.
+    ratio = large["block_saved"][1] / small["block_saved"][1]
+    assert 5 < ratio <= seq_large / seq_small, ratio
+
+
+def test_train_wlf_cli_errors_are_one_line(tmp_path, capsys):
+    for argv, needle in ((["train", "--out", str(tmp_path)], "train needs --shards, --transformer"),
+                         (["train", "--shards", str(tmp_path), "--transformer", "x", "--out", str(tmp_path)],
+                          "manifest.json not found"),
+                         (["train", "--dry-run", "--model", "flux-pro"], "unknown --model"),
+                         (["precompute", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "flux-dev",
+                           "--vae", "x"], "metadata.jsonl not found")):
+        with pytest.raises(SystemExit) as e:
+            train_wlf.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and needle in err and err.count("\n") == 0, err
+
+
+def test_train_wlf_flops_count_each_stream_and_attention():
+    """The MFU numerator for a tiny Flux equals a hand count: 2 FLOPs per multiply-add of every Linear over the
+    tokens it sees (double blocks: image weights on image tokens, text weights on text tokens), 4·L²·D per joint
+    attention, × 3 for forward + backward."""
+    H, r, Li, Lt, C = 64, 2, 16, 8, 48
+    params = mmdit.FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=C, hidden_size=H,
+                              mlp_ratio=float(r), num_heads=4, depth=2, depth_single_blocks=3, axes_dim=(4, 6, 6))
+    L = Li + Lt
+    macs = Li * 64 * H + Lt * C * H  # img_in, txt_in
+    macs += (256 * H + H * H) * 2 + (32 * H + H * H)  # time_in, guidance_in, vector_in (one vector per sample)
+    stream = (3 + 1 + 2 * r) * H * H  # qkv, proj, mlp per token
+    macs += 2 * (Li * stream + Lt * stream + 2 * 6 * H * H + 2 * L * L * H)  # 2 double blocks (QKᵀ and AV: L²·H each)
+    macs += 3 * (L * (3 + r) * H * H + L * (1 + r) * H * H + 3 * H * H + 2 * L * L * H)  # 3 single blocks
+    macs += 2 * H * H + Li * H * 64  # final adaLN, final linear
+    assert train_wlf.train_flops_per_sample(params, (8, 8), Lt) == 3 * 2 * macs
