@@ -1,4 +1,4 @@
-"""Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE.
+"""Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE, LPIPS.
 
 GLCM score (Eq. 11) — what the authors' evaluation script computes, which is how the paper's numbers
 (0.58–0.80 on 2048² / 4096² images) were produced:
@@ -21,9 +21,10 @@ The authors score only the top-left size×size square; by default we cover the w
 Compression ratio (Eq. 12): H·W·3 bytes over the size of the image encoded as JPEG at quality 95 with
 Pillow's defaults. For a folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
 
-PSNR, SSIM (Gaussian window 11, σ = 1.5) and NMSE compare an image with a reference of the same size.
+PSNR, SSIM (Gaussian window 11, σ = 1.5) and NMSE compare an image with a reference of the same size;
+so does LPIPS (VGG16, v0.1), in plain PyTorch from the official weight files (`load_lpips`).
 
-CLI: `python metrics.py DIR [--ref DIR] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
+CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
 """
 import argparse
 import functools
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
 # Loading images
@@ -375,9 +377,134 @@ def ssim(image, reference) -> float:
     return float(s[r:-r, r:-r].mean(axis=(0, 1)).mean())
 
 
-# Metrics on (image, reference) pairs reported by the CLI with --ref. Later metrics that need a
-# network (LPIPS) slot in here; set-level ones (FID, CLIPScore) belong in _summarize.
+# Metrics on (image, reference) pairs reported by the CLI with --ref (--lpips adds "lpips");
+# set-level ones (FID, CLIPScore) belong in _summarize.
 PAIR_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
+
+
+# ----------------------------------------------------------------------------------------------------
+# LPIPS (Zhang et al. 2018), v0.1 with VGG16 — the perceptual term of the SC-VAE objective (Eq. 4)
+
+LPIPS_VGG_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 state dict
+LPIPS_HEADS_FILE = "vgg.pth"  # the LPIPS v0.1 linear heads, lpips/weights/v0.1/vgg.pth in the lpips wheel
+# torchvision's vgg16().features: conv widths, "M" = 2×2 max-pool. Every conv is followed by a ReLU, so
+# the Sequential indices (and the state-dict keys features.N.weight) are the ones torchvision uses.
+_VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_LPIPS_TAPS = (3, 8, 15, 22, 29)  # features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+
+class _LpipsHead(nn.Module):
+    """LPIPS's NetLinLayer: (dropout,) 1×1 conv to one channel, no bias — keys lin{i}.model.1.weight."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))  # [0] was Dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class LPIPS(nn.Module):
+    """d(x, y) = Σ_l mean_hw( w_l · (φ̂_l(x) − φ̂_l(y))² ), φ̂_l = VGG16 feature at relu{1_2,2_2,3_3,4_3,5_3}
+    divided by its per-pixel channel norm (+1e-10), w_l a learned non-negative 1×1 conv (the "lin" head).
+
+    Inputs (B, 3, H, W) in [−1, 1], as the lpips package expects; they are first mapped to ImageNet's
+    normalization by LPIPS's fixed scaling layer ((x − shift) / scale). Returns (B,) distances.
+    Differentiable in its inputs; load the official weights with `load_lpips`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in _VGG16_FEATURES:
+            if c == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+                c_in = c
+        self.features = nn.Sequential(*layers)
+        for i, tap in enumerate(_LPIPS_TAPS):
+            setattr(self, f"lin{i}", _LpipsHead(self.features[tap - 1].out_channels))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS expects two (B, 3, H, W) tensors of one shape, got {tuple(x.shape)} "
+                             f"and {tuple(y.shape)}")
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # one VGG pass for both
+        distance = 0
+        for i, layer in enumerate(self.features[: _LPIPS_TAPS[-1] + 1]):
+            h = layer(h)
+            if i in _LPIPS_TAPS:
+                f = h / (h.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit norm per pixel
+                fx, fy = f.chunk(2)
+                head = getattr(self, f"lin{_LPIPS_TAPS.index(i)}")
+                distance = distance + head((fx - fy).square()).mean(dim=(1, 2, 3))  # spatial mean
+        return distance
+
+
+def _lpips_candidates(name: str, given) -> list[Path]:
+    if given is not None:
+        return [Path(given)]
+    places = [Path(torch.hub.get_dir()) / "checkpoints" / name]  # where torchvision / lpips cache them
+    if name == LPIPS_HEADS_FILE:
+        import importlib.util
+
+        spec = importlib.util.find_spec("lpips")  # an installed lpips package holds the heads (not imported)
+        if spec is not None and spec.submodule_search_locations:
+            places += [Path(p) / "weights" / "v0.1" / name for p in spec.submodule_search_locations]
+    return places
+
+
+def load_lpips(vgg: str | os.PathLike | None = None, heads: str | os.PathLike | None = None, *,
+               device="cpu") -> LPIPS:
+    """LPIPS-VGG v0.1 from the official files: `vgg` = torchvision's vgg16-397923af.pth (its `features.*`
+    are used), `heads` = LPIPS's v0.1 vgg.pth (`lin0..4.model.1.weight`). Defaults: the torch hub cache
+    ($TORCH_HOME/hub/checkpoints/), and for the heads also an installed lpips package.
+    FileNotFoundError / ValueError with a one-line message if a file is missing or does not fit."""
+    model = LPIPS()
+    state = {}
+    hints = {LPIPS_VGG_FILE: "https://download.pytorch.org/models/vgg16-397923af.pth",
+             LPIPS_HEADS_FILE: "lpips/weights/v0.1/vgg.pth inside the lpips wheel (pip download lpips --no-deps)"}
+    for name, given, prefix in ((LPIPS_VGG_FILE, vgg, "features."), (LPIPS_HEADS_FILE, heads, "lin")):
+        candidates = _lpips_candidates(name, given)
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"LPIPS needs {name}; looked for {', '.join(map(str, candidates))}; "
+                                    f"get it from {hints[name]}")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a torch state dict ({type(e).__name__})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: not a torch state dict")
+        state.update({k: v for k, v in sd.items() if k.startswith(prefix)})
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or wrong:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"wrong shape for {', '.join(wrong[:3])}"
+        raise ValueError(f"LPIPS weights ({vgg or LPIPS_VGG_FILE}, {heads or LPIPS_HEADS_FILE}) do not fit "
+                         f"VGG16 + LPIPS v0.1 heads: {what}")
+    model.load_state_dict({k: state[k].float() for k in expected})
+    return model.requires_grad_(False).eval().to(device)
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """A path, PIL image or (H, W, 3) uint8 array -> (1, 3, H, W) float32 in [−1, 1] (x / 127.5 − 1)."""
+    rgb = torch.from_numpy(np.array(to_rgb_array(image)))  # a writable copy
+    return (rgb.permute(2, 0, 1)[None].float() / 127.5 - 1).contiguous()
+
+
+@torch.no_grad()
+def lpips(image, reference, *, model: LPIPS) -> float:
+    """LPIPS distance between two images of one size (uint8 arrays, PIL images or paths)."""
+    a, b = to_rgb_array(image), to_rgb_array(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"image sizes differ: {a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}")
+    device = next(model.parameters()).device
+    return float(model(image_to_tensor(a).to(device), image_to_tensor(b).to(device)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,7 +558,7 @@ def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
         return row, None, f"reference {why}"
     if ref.shape != rgb.shape:
         return row, None, f"size {w}×{h} differs from the reference's {ref.shape[1]}×{ref.shape[0]}"
-    row.update({key: fn(rgb, ref) for key, fn in PAIR_METRICS.items()})
+    row.update({key: fn(rgb, ref) for key, fn in args.pair_metrics.items()})
     return row, None, None
 
 
@@ -450,6 +577,15 @@ def _evaluate(args) -> dict:
         raise _UsageError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.pair_metrics = dict(PAIR_METRICS)
+    if args.lpips:
+        if ref_root is None:
+            raise _UsageError("--lpips compares image pairs: give --ref DIR")
+        try:
+            model = load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
+        except (OSError, ValueError) as e:
+            raise _UsageError(str(e)) from None
+        args.pair_metrics["lpips"] = functools.partial(lpips, model=model)
     files = _list_files(root)
     if not files:
         raise _UsageError(f"{root}: no files in this folder")
@@ -474,15 +610,15 @@ def _evaluate(args) -> dict:
                           f"{', ...' if len(skipped) > 1 else ''})")
     return {
         "settings": {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
-                     "jpeg_quality": 95},
-        "summary": _summarize(rows),
+                     "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []},
+        "summary": _summarize(rows, list(args.pair_metrics)),
         "images": rows,
         "skipped": skipped,
         "unmatched": unmatched,
     }
 
 
-def _summarize(rows: list[dict]) -> dict:
+def _summarize(rows: list[dict], pair_keys=tuple(PAIR_METRICS)) -> dict:
     raw_bytes = sum(r["width"] * r["height"] * 3 for r in rows)
     summary = {
         "images": len(rows),
@@ -490,16 +626,16 @@ def _summarize(rows: list[dict]) -> dict:
         "compression_ratio_of_totals": raw_bytes / sum(r["jpeg_bytes"] for r in rows),  # the paper's
         "compression_ratio_mean": float(np.mean([r["compression_ratio"] for r in rows])),
     }
-    pairs = [r for r in rows if all(k in r for k in PAIR_METRICS)]
+    pairs = [r for r in rows if all(k in r for k in pair_keys)]
     if pairs:
         summary["pairs"] = len(pairs)
-        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in PAIR_METRICS})
+        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in pair_keys})
     return summary
 
 
 def _print_report(result: dict) -> None:
     rows, s, settings = result["images"], result["summary"], result["settings"]
-    pair_keys = list(PAIR_METRICS) if "pairs" in s else []
+    pair_keys = settings["pair_metrics"] if "pairs" in s else []
     width = max([4] + [len(r["file"]) for r in rows])
     header = f"{'file':<{width}}  {'size':>11}  {'GLCM':>7}  {'CR':>7}"
     header += "".join(f"  {k.upper():>9}" for k in pair_keys)
@@ -551,7 +687,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Diffusion-4K image metrics: GLCM score (Eq. 11) and compression ratio (Eq. 12) of every "
-        "image under DIR; with --ref, also PSNR / SSIM / NMSE against the reference image of the same "
+        "image under DIR; with --ref, also PSNR / SSIM / NMSE (and LPIPS with --lpips) against the reference image of the same "
         "relative file name.")
     parser.add_argument("dir", help="folder of images, searched recursively (or a single image file)")
     parser.add_argument("--ref", help="folder of reference images, matched by relative file name")
@@ -563,6 +699,10 @@ def main(argv=None) -> int:
                         "(default); haralick: Haralick's GLCM entropy, mean over the 16 matrices")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device for the GLCM (default: cuda if available, else cpu)")
+    parser.add_argument("--lpips", action="store_true", help="with --ref, also LPIPS (VGG, v0.1); needs "
+                        f"{LPIPS_VGG_FILE} and the LPIPS {LPIPS_HEADS_FILE} (default: the torch hub cache)")
+    parser.add_argument("--lpips-vgg", help=f"torchvision's {LPIPS_VGG_FILE} (ImageNet VGG16 state dict)")
+    parser.add_argument("--lpips-heads", help=f"LPIPS v0.1 {LPIPS_HEADS_FILE} (lpips/weights/v0.1/ in the lpips wheel)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
