@@ -33,6 +33,7 @@ import mmdit
 import sample
 import text_encoders
 import text_encoders as te
+import train_vae
 import train_wlf
 import vae
 import wavelet
@@ -503,6 +504,135 @@ def test_metrics_cli_bad_input_is_one_line(tmp_path, capsys):
         assert metrics.main([*map(str, args), "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS
+
+_METRICS_VGG_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's vgg16().features convs
+
+
+@pytest.fixture(scope="module")
+def _metrics_lpips_files(tmp_path_factory):
+    """Random weights in the official layouts: torchvision's vgg16 state dict (features.* and classifier.*) and
+    the LPIPS v0.1 heads (lin0..4.model.1.weight, non-negative, 1×1 convs without bias)."""
+    root = tmp_path_factory.mktemp("lpips")
+    g = torch.Generator().manual_seed(0)
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    vgg = {}
+    for i, (c_in, c_out) in zip(_METRICS_VGG_CONVS, zip(widths, widths[1:])):
+        vgg[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
+        vgg[f"features.{i}.bias"] = torch.randn(c_out, generator=g) * 0.01
+    vgg["classifier.0.weight"] = torch.randn(8, 8, generator=g)  # present in the real file, unused by LPIPS
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) * 0.1
+             for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(vgg, root / "vgg16-397923af.pth")
+    torch.save(heads, root / "vgg.pth")
+    return root, vgg, heads
+
+
+def _metrics_lpips_reference(x, y, vgg, heads):
+    """LPIPS from its definition (Zhang et al. 2018, v0.1), in float64 with functional ops on the raw state dicts:
+    ImageNet scaling layer, VGG16 conv/ReLU/max-pool stack, taps at relu1_2 .. relu5_3, per-pixel unit channel norm
+    (+1e-10), squared difference, learned non-negative channel weights, spatial mean, sum over the five taps."""
+    import torch.nn.functional as F
+
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float64).view(1, 3, 1, 1)
+    feats = []
+    for h in ((x.double() - shift) / scale, (y.double() - shift) / scale):
+        taps = []
+        for n, i in enumerate(_METRICS_VGG_CONVS):
+            if n in (2, 4, 7, 10):  # a max-pool before conv 3, 5, 8, 11 (1-based: after blocks 1-4)
+                h = F.max_pool2d(h, 2)
+            h = F.relu(F.conv2d(h, vgg[f"features.{i}.weight"].double(), vgg[f"features.{i}.bias"].double(), padding=1))
+            if n in (1, 3, 6, 9, 12):
+                taps.append(h)
+        feats.append(taps)
+    total = 0
+    for k, (a, b) in enumerate(zip(*feats)):
+        a = a / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + 1e-10)
+        b = b / (torch.linalg.vector_norm(b, dim=1, keepdim=True) + 1e-10)
+        w = heads[f"lin{k}.model.1.weight"].double().flatten()
+        total = total + torch.einsum("bchw,c->bhw", (a - b) ** 2, w).mean(dim=(1, 2))
+    return total
+
+
+def test_metrics_lpips_matches_its_definition(_metrics_lpips_files):
+    root, vgg, heads = _metrics_lpips_files
+    model = metrics.load_lpips(root / "vgg16-397923af.pth", root / "vgg.pth")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 48, 80, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    ours = model(x, y)
+    ref = _metrics_lpips_reference(x, y, vgg, heads)
+    assert ours.shape == (3,) and (ref > 0).all()
+    # fp32 through 13 convs against an fp64 reference: ~1e-6 relative; 1e-5 leaves room for BLAS differences.
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    assert torch.equal(model(x, x), torch.zeros(3))  # identical images: exactly 0
+    torch.testing.assert_close(model(y, x), ours, rtol=1e-6, atol=0)  # symmetric
+    # differentiable in the image, the network itself frozen
+    xr = x.clone().requires_grad_(True)
+    model(xr, y).sum().backward()
+    assert xr.grad.abs().sum() > 0 and all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_metrics_lpips_on_images_and_cli(_metrics_lpips_files, tmp_path):
+    root, vgg, heads = _metrics_lpips_files
+    model = metrics.load_lpips(root / "vgg16-397923af.pth", root / "vgg.pth")
+    astro = _metrics_photo("astronaut")[:96, :128]
+    noisy = np.clip(astro + np.random.default_rng(0).normal(0, 12, astro.shape), 0, 255).astype(np.uint8)
+    value = metrics.lpips(astro, noisy, model=model)
+    ref = _metrics_lpips_reference(*(torch.from_numpy(a).permute(2, 0, 1)[None].double() / 127.5 - 1
+                                     for a in (astro, noisy)), vgg, heads)
+    assert value == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sizes differ"):
+        metrics.lpips(astro, noisy[:64], model=model)
+
+    d, ref_dir = tmp_path / "images", tmp_path / "ref"
+    d.mkdir(), ref_dir.mkdir()
+    Image.fromarray(astro).save(d / "astro.png")
+    Image.fromarray(noisy).save(ref_dir / "astro.png")
+    out = tmp_path / "m.json"
+    _metrics_cli(d, "--ref", ref_dir, "--lpips", "--lpips-vgg", root / "vgg16-397923af.pth", "--lpips-heads",
+                 root / "vgg.pth", "--device", "cpu", "--json", out, check_rc=0)
+    result = json.loads(out.read_text())
+    assert result["images"][0]["lpips"] == pytest.approx(value, rel=1e-6)
+    assert result["summary"]["lpips_mean"] == pytest.approx(value, rel=1e-6)
+    assert result["settings"]["pair_metrics"] == ["psnr", "ssim", "nmse", "lpips"]
+
+
+def test_metrics_lpips_missing_or_wrong_files(_metrics_lpips_files, tmp_path, monkeypatch):
+    root, vgg, heads = _metrics_lpips_files
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    with pytest.raises(FileNotFoundError) as e:
+        metrics.load_lpips(None, root / "vgg.pth")
+    message = str(e.value)
+    assert "vgg16-397923af.pth" in message and str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
+    assert "\n" not in message and "download.pytorch.org" in message
+    with pytest.raises(FileNotFoundError, match=r"vgg\.pth; looked for .*nope\.pth.*lpips"):
+        metrics.load_lpips(root / "vgg16-397923af.pth", tmp_path / "nope.pth")
+    # the default places are used when the files are there
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    for name in ("vgg16-397923af.pth", "vgg.pth"):
+        (hub / name).write_bytes((root / name).read_bytes())
+    assert metrics.load_lpips().lin0.model[1].weight.equal(heads["lin0.model.1.weight"])
+    # a heads file without lin4, and a file that is no state dict
+    torch.save({k: v for k, v in heads.items() if not k.startswith("lin4")}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="missing lin4.model.1.weight"):
+        metrics.load_lpips(root / "vgg16-397923af.pth", tmp_path / "short.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a torch state dict"):
+        metrics.load_lpips(tmp_path / "junk.pth", root / "vgg.pth")
+    # the CLI: one line and status 2
+    (tmp_path / "a").mkdir()
+    Image.fromarray(_metrics_photo("astronaut")[:64, :64]).save(tmp_path / "a" / "x.png")
+    proc = _metrics_cli(tmp_path / "a", "--ref", tmp_path / "a", "--lpips", "--lpips-heads", tmp_path / "nope.pth",
+                        "--lpips-vgg", root / "vgg16-397923af.pth")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "vgg.pth" in proc.stderr
+    proc = _metrics_cli(tmp_path / "a", "--lpips")
+    assert proc.returncode == 2 and "give --ref" in proc.stderr
 
 
 # ====================================================================================================
@@ -2394,3 +2524,280 @@ def test_train_wlf_flops_count_each_stream_and_attention():
     macs += 3 * (L * (3 + r) * H * H + L * (1 + r) * H * H + 3 * H * H + 2 * L * L * H)  # 3 single blocks
     macs += 2 * H * H + Li * H * 64  # final adaLN, final linear
     assert train_wlf.train_flops_per_sample(params, (8, 8), Lt) == 3 * 2 * macs
+
+
+# ====================================================================================================
+# train_vae
+# ====================================================================================================
+
+_TRAIN_VAE_RES = 32  # crops: the tiny autoencoder is F2 as F8 (one down level), F4 as F16
+
+
+@pytest.fixture(scope="module")
+def _train_vae_assets(tmp_path_factory):
+    """A tiny autoencoder in the official single-file layout, random LPIPS weights in the official layouts, and an
+    image folder: textures of several sizes (one smaller than the crop), a corrupt file and a non-image."""
+    root = tmp_path_factory.mktemp("train_vae")
+    torch.manual_seed(0)
+    params = vae.AutoEncoderParams(3, 8, 3, (1, 2), 1, 16, scale_factor=0.5, shift_factor=0.1, groups=4)
+    ae = vae.AutoEncoder(params)
+    with torch.no_grad():  # non-trivial norms, so a decoder that does not train would show
+        for name, p in ae.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    vae.save_vae(ae, root / "ae.safetensors")
+    lpips = metrics.LPIPS()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lpips.named_parameters():
+            if name.startswith("features") and p.ndim == 4:
+                p.copy_(torch.randn(p.shape, generator=g) * (2 / p[0].numel()) ** 0.5)
+            elif name.startswith("lin"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.1)
+    sd = lpips.state_dict()
+    torch.save({k: v for k, v in sd.items() if k.startswith("features.")}, root / "vgg16-397923af.pth")
+    torch.save({k: v for k, v in sd.items() if k.startswith("lin")}, root / "vgg.pth")
+    data = root / "data"
+    (data / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 48), (64, 36), (33, 70), (24, 28)]):  # the last is below the crop
+        yy, xx = np.mgrid[:h, :w]
+        base = 127 + 100 * np.sin(xx[..., None] * (0.3 + 0.1 * i) + yy[..., None] * 0.2 + np.arange(3))
+        image = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(data / ("sub" if i == 2 else "") / f"img{i}.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (data / "notes.txt").write_text("not an image")
+    return root
+
+
+def _train_vae_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--vae", str(root / "ae.safetensors"), "--data", str(root / "data"), "--out", str(out),
+            "--resolution", str(_TRAIN_VAE_RES), "--disc-channels", "8,16", "--lpips-vgg", str(root / "vgg16-397923af.pth"),
+            "--lpips-heads", str(root / "vgg.pth"), "--workers", "0", "--log-every", "1", "--no-progress",
+            "--lr", "1e-3", "--ema", "0.5", *extra]
+
+
+def _train_vae_run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    """train_vae.py in a fresh process: under torchrun for nproc > 1, plainly otherwise."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_vae.__file__).parent)}
+    result = subprocess.run([*launcher, train_vae.__file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _train_vae_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _train_vae_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _train_vae_models(root: Path, *extra: str):
+    args = train_vae.build_parser().parse_args(_train_vae_args(root, root / "unused", *extra))
+    return args, train_vae.load_models(args, torch.device("cpu"))
+
+
+def _train_vae_batch(root: Path, n: int = 2) -> torch.Tensor:
+    files = train_vae.list_images(root / "data")
+    stream = train_vae.CropStream(files, _TRAIN_VAE_RES, seed=0)
+    return torch.stack([stream[p]["image"] for p in range(n)])
+
+
+def test_train_vae_loss_terms_and_adaptive_weight(_train_vae_assets):
+    """Every term of Eq. 4 is finite and is what its definition says; the adaptive weight equals the ratio of the two
+    gradient norms on decoder.conv_out.weight computed by hand with backward(); only the decoder gets gradients."""
+    root = _train_vae_assets
+    args, m = _train_vae_models(root)
+    x = _train_vae_batch(root)
+    g = train_vae.generator_losses(m, x, args, adversarial=True)
+    for k in ("l2", "sc", "lpips", "adv", "w", "total"):
+        assert g[k].ndim == 0 and math.isfinite(g[k].item()) and (k == "adv" or g[k].item() > 0), (k, g[k])
+
+    with torch.no_grad():  # the terms from their definitions, on the models' own outputs
+        x_hat, f_s = m.student.decode(m.student.encode(x), return_feature=True)
+        _, f_t = m.teacher.decode(m.teacher.encode(x), return_feature=True)
+        assert f_s.shape[-1] * 2 == f_t.shape[-1] == x.shape[-1]  # F16 student at H/2, F8 teacher at H
+        up = f_s.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # nearest ×2, written differently
+        torch.testing.assert_close(g["sc"], ((f_t - up) ** 2).mean(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(g["l2"], ((x_hat - x) ** 2).mean(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(g["lpips"], m.lpips(x_hat, x).mean(), rtol=1e-6, atol=0)
+    # total = L2 + λ_sc·L_sc + λ_lpips·LPIPS + λ_adv·w·L_adv with the paper's defaults 1.0, 0.1, 0.05
+    expected = g["l2"] + 1.0 * g["sc"] + 0.1 * g["lpips"] + 0.05 * g["w"] * g["adv"]
+    torch.testing.assert_close(g["total"], expected, rtol=1e-6, atol=0)
+
+    # w by hand: two backward passes, reading conv_out.weight.grad
+    last = m.student.decoder.conv_out.weight
+    g["lpips"].backward(retain_graph=True)
+    grad_lpips = last.grad.clone()
+    m.student.decoder.zero_grad(set_to_none=True)
+    g["adv"].backward(retain_graph=True)
+    grad_adv = last.grad.clone()
+    m.student.decoder.zero_grad(set_to_none=True)
+    hand = grad_lpips.norm() / grad_adv.norm()
+    assert 0 < hand.item() < 1e4
+    torch.testing.assert_close(g["w"], hand, rtol=1e-5, atol=0)
+    assert not g["w"].requires_grad  # detached: w is a constant of the step
+
+    g["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.decoder.parameters())
+    frozen = [*m.student.encoder.parameters(), *m.teacher.parameters(), *m.lpips.parameters(), *m.disc.parameters()]
+    assert all(p.grad is None for p in frozen)  # nothing else trains in the decoder's step
+
+    # the clamp (the decoder did not change, so the unclamped w is `hand` again)
+    args.max_adaptive_weight = 0.5 * hand.item()
+    clamped = train_vae.generator_losses(m, x, args, adversarial=True)["w"]
+    assert clamped.item() == pytest.approx(0.5 * hand.item(), rel=1e-6)
+
+
+def test_train_vae_discriminator_and_its_losses():
+    torch.manual_seed(0)
+    d = train_vae.Discriminator((8, 16, 32))
+    x = torch.randn(2, 3, 64, 48)
+    for _ in range(20):  # power iterations converge while training
+        out = d(x)
+    assert out.shape == (2, 1, 8, 6)  # one logit per 8×8 patch
+    for conv in (d.net[0], d.net[2], d.net[5]):  # the spectral-normalized 3×3 stride-2 convs
+        sigma = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
+        assert abs(sigma.item() - 1) < 0.05 and conv.stride == (2, 2)
+    assert isinstance(d.net[3], torch.nn.InstanceNorm2d) and not isinstance(d.net[1], torch.nn.InstanceNorm2d)
+    # hinge: relu(1 − real) and relu(1 + fake), each averaged
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    assert train_vae.hinge_d_loss(real, fake).item() == pytest.approx((0 + 0.5) / 2 + (0 + 1.5) / 2)
+    # gradient penalty of a linear critic D(x) = Σ_c w_c x_c per pixel: ∇ₓ Σ D = w at every pixel, so
+    # ‖∇‖ = ‖w‖·√(H·W) for every sample
+    w = torch.tensor([0.01, -0.02, 0.03]).view(1, 3, 1, 1)
+    real = torch.randn(2, 3, 5, 4, requires_grad=True)
+    gp = train_vae.gradient_penalty(F.conv2d(real, w), real)
+    assert gp.item() == pytest.approx((w.norm().item() * math.sqrt(20) - 1) ** 2, rel=1e-5)
+
+
+def test_train_vae_trains_only_the_decoder_and_exports_f16(_train_vae_assets, tmp_path):
+    """3 steps in this process: all logged terms finite, the export loads with load_vae as F16 (file and diffusers
+    folder), its encoder is the pretrained one bit for bit (so the encoder's output is unchanged), its decoder is the
+    EMA of the trained one, and the unreadable file is skipped."""
+    root, run = _train_vae_assets, tmp_path / "run"
+    train_vae.main(_train_vae_args(root, run, "--steps", "3", "--batch-size", "2", "--gp-weight", "10"))
+    log = _train_vae_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for r in log:
+        for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp", "grad_norm"):
+            assert math.isfinite(r[k]), (k, r)
+
+    start = _train_vae_tensors(root / "ae.safetensors")
+    for path in (run / "vae-f16.safetensors", run / "vae-f16"):
+        ae = vae.load_vae(path)
+        assert ae.params.stride == 2 and ae.factor == 4
+        assert (ae.params.scale_factor, ae.params.shift_factor, ae.params.groups) == (0.5, 0.1, 4)
+        sd = ae.state_dict()
+        assert all(torch.equal(sd[k], start[k]) for k in sd if k.startswith("encoder."))
+        moved = max((sd[k] - start[k]).abs().max().item() for k in sd if k.startswith("decoder."))
+        assert moved > 1e-4
+    exported = vae.load_vae(run / "vae-f16.safetensors")
+    before = vae.load_vae(root / "ae.safetensors", stride=2)
+    x = _train_vae_batch(root)
+    with torch.no_grad():
+        assert torch.equal(exported.encode(x), before.encode(x))
+    # the exported decoder is the EMA kept in the last checkpoint, which differs from the raw weights (decay 0.5)
+    state = torch.load(run / "checkpoints" / "step-00000003.pt", weights_only=True)
+    names = [n for n, _ in exported.decoder.named_parameters()]
+    for name, e in zip(names, state["ema"]):
+        assert torch.equal(exported.decoder.state_dict()[name], e)
+    assert any(not torch.equal(state["decoder"][n], e) for n, e in zip(names, state["ema"]))
+
+
+def test_train_vae_torchrun_matches_one_process_and_resumes(_train_vae_assets, tmp_path):
+    """A: torchrun 2 ranks × batch 1, 4 steps, checkpoints at 2 and 4;  B: one process, batch 2 — the same global
+    batch;  C: torchrun 2 ranks resuming A's step-2 checkpoint. B matches A up to reduction order, C is A bit for bit."""
+    root = _train_vae_assets
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["--steps", "4", "--gp-weight", "10", "--max-grad-norm", "0.05", "--checkpoint-every", "2"]
+    _train_vae_run(_train_vae_args(root, run_a, *common, "--batch-size", "1"), 2, tmp_path)
+    _train_vae_run(_train_vae_args(root, run_b, *common, "--batch-size", "2"), 1, tmp_path)
+    (run_c / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_a / "checkpoints" / "step-00000002.pt", run_c / "checkpoints")
+    (run_c / "checkpoints" / ".step-00000003.pt.x.tmp").write_bytes(b"partial")  # a crashed save: never picked
+    result = _train_vae_run(_train_vae_args(root, run_c, *common, "--batch-size", "1", "--resume"), 2, tmp_path)
+    assert "resumed from" in result.stdout and "step 2" in result.stdout
+
+    log_a, log_b = _train_vae_log(run_a), _train_vae_log(run_b)
+    assert [r["step"] for r in log_a] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0.05 for r in log_a)  # clipping was active
+    for ra, rb in zip(log_a, log_b):
+        for k in ("l2", "sc", "lpips", "adv", "d", "gp"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5), (k, ra, rb)
+        # w is a ratio of two small gradient norms: 1e-3. A per-rank w (not averaged) is off by ~25% here.
+        assert ra["w"] == pytest.approx(rb["w"], rel=1e-3)
+    a, b = _train_vae_tensors(run_a / "vae-f16.safetensors"), _train_vae_tensors(run_b / "vae-f16.safetensors")
+    c, start = _train_vae_tensors(run_c / "vae-f16.safetensors"), _train_vae_tensors(root / "ae.safetensors")
+    assert a.keys() == b.keys() == c.keys() == start.keys()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 2e-3  # 4 Adam steps of lr 1e-3 moved it
+    for k in a:
+        # Adam divides by √v: entries with near-zero gradients turn reduction-order ulps into up to ~1e-5 here;
+        # unsynchronized ranks or a per-rank w differ by ~2e-3.
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+        torch.testing.assert_close(c[k], a[k], rtol=0, atol=0, msg=k)
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
+
+
+def test_train_vae_eval_reports_f8_and_f16_before_and_after(_train_vae_assets, tmp_path):
+    root = _train_vae_assets
+    f16 = tmp_path / "f16.safetensors"
+    vae.save_vae(vae.load_vae(root / "ae.safetensors", stride=2), f16)  # "after" = the untrained F16: equal rows
+    out = tmp_path / "eval.json"
+    train_vae.main(["--vae", str(root / "ae.safetensors"), "--eval", str(root / "data"), "--trained", str(f16),
+                    "--eval-size", "32", "--lpips-vgg", str(root / "vgg16-397923af.pth"), "--lpips-heads",
+                    str(root / "vgg.pth"), "--json", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    assert list(result["summary"]) == ["F8", "F16 before", "F16 after"]
+    assert result["settings"]["images"] == 4 and [s["file"].endswith("broken.jpg") for s in result["skipped"]] == [True]
+    assert result["images"]["F16 after"] == result["images"]["F16 before"]
+    assert result["images"]["F8"] != result["images"]["F16 before"]
+    # one row by hand: resize the shorter side to 32 (Lanczos), centre crop, F8 round trip, PSNR in numpy
+    row = next(r for r in result["images"]["F8"] if r["file"] == "img1.png")
+    image = Image.open(root / "data" / "img1.png").convert("RGB")  # 36×64 -> 32×57 -> rows 12..44
+    image = image.resize((32, 57), Image.Resampling.LANCZOS).crop((0, 12, 32, 44))
+    rgb = np.asarray(image)
+    ae = vae.load_vae(root / "ae.safetensors")
+    with torch.no_grad():
+        y = ae.decode(ae.encode(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1))
+    rec = ((y[0].clamp(-1, 1).permute(1, 2, 0) + 1) * 127.5).round().numpy()
+    mse = np.mean((rec - rgb.astype(np.float64)) ** 2)
+    assert row["psnr"] == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-9)
+
+
+def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, monkeypatch):
+    root = _train_vae_assets
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    good = _train_vae_args(root, tmp_path / "run", "--steps", "1")
+    without_lpips = [a for a in good if a not in ("--lpips-vgg", str(root / "vgg16-397923af.pth"))]
+    (tmp_path / "nothing").mkdir()
+    cases = [
+        (without_lpips, "LPIPS needs vgg16-397923af.pth"),
+        ([*good, "--data", str(tmp_path / "nope")], "no such directory"),
+        ([*good, "--data", str(tmp_path / "nothing")], "no images"),
+        ([*good, "--vae", str(tmp_path / "nope.safetensors")], "autoencoder weights not found"),
+        ([*good, "--resolution", "30"], "--resolution must be a multiple of 4"),
+        ([*good, "--resume", str(tmp_path / "nope.pt")], "no such checkpoint file"),
+        ([a for a in good if a not in ("--out", str(tmp_path / "run"))], "training needs --out"),
+        (["--vae", str(root / "ae.safetensors"), "--eval", str(tmp_path / "nothing")], "no images"),
+        (["--vae", str(root / "ae.safetensors"), "--eval", str(root / "data"), "--trained", str(tmp_path / "x")],
+         "not found"),
+        (["--vae", str(root / "ae.safetensors"), "--eval", str(root / "data"), "--trained", str(root / "ae.safetensors"),
+          "--lpips-vgg", str(root / "vgg16-397923af.pth"), "--lpips-heads", str(root / "vgg.pth")], "not an F16"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_vae.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (message, err)
+    # resuming with another global batch is refused
+    run = tmp_path / "r"
+    train_vae.main(_train_vae_args(root, run, "--steps", "1", "--batch-size", "1"))
+    with pytest.raises(SystemExit):
+        train_vae.main(_train_vae_args(root, run, "--steps", "2", "--batch-size", "2", "--resume"))
+    assert "global batch of 1" in capsys.readouterr().err
