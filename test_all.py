@@ -21,7 +21,6 @@ import zipfile
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from safetensors.torch import save_file
 import numpy as np
 import pytest
 import pywt
@@ -1944,10 +1943,7 @@ def test_sample_noise_is_seeded_on_cpu():
 def _sample_text_encoders(root, *, clip_g: bool, t5_dim: int):
     """Tiny CLIP-L (and CLIP-G) and T5 made by transformers (test-only), their tokenizers, written to `root`
     in both layouts: transformers folders text_encoder*/ and single official-style files."""
-    import shutil
-
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     clip_dir, t5_dir = sample._tiny_tokenizer_files(root / "_tokenizers")
@@ -2246,13 +2242,14 @@ def _train_wlf_assets(tmp_path_factory):
 
 
 
-def _train_wlf_run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
-    """train_wlf.py in a fresh process: under torchrun (--standalone picks a free port) for nproc > 1,
-    plainly otherwise (world size 1 without torchrun)."""
+def _train_wlf_run(args: list[str], nproc: int, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
+    """train_wlf.py (or another training script) in a fresh process: under torchrun (--standalone picks a free port)
+    for nproc > 1, plainly otherwise (world size 1 without torchrun)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_wlf.__file__).parent)}
-    result = subprocess.run([*launcher, train_wlf.__file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    script = script or train_wlf.__file__
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(script).parent)}
+    result = subprocess.run([*launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -2578,14 +2575,7 @@ def _train_vae_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _train_vae_run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
-    """train_vae.py in a fresh process: under torchrun for nproc > 1, plainly otherwise."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_vae.__file__).parent)}
-    result = subprocess.run([*launcher, train_vae.__file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return _train_wlf_run(args, nproc, cwd, script=train_vae.__file__)
 
 
 def _train_vae_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -34,9 +34,7 @@ position in the sample stream, so a run depends on the global batch, not on how 
 """
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +48,7 @@ from torch import Tensor, nn
 
 import metrics
 import vae
-from train_wlf import SampleStream, UserError, _atomic_write, _write_json, setup_distributed
+from train_wlf import SampleStream, UserError, _atomic_write, _positive, _write_json, run_command, setup_distributed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -535,13 +533,6 @@ def print_eval(result: dict) -> None:
 # CLI
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _channels(text: str) -> list[int]:
     try:
         values = [int(c) for c in text.split(",")]
@@ -602,26 +593,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command(args) -> None:
+    if args.eval:
+        result = evaluate(args)
+        print_eval(result)
+        if args.json:
+            metrics._write_json_atomic(Path(args.json), result)
+            print(f"wrote {args.json}")
+    else:
+        missing = [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]
+        if missing:
+            raise UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
+        train(args)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.eval:
-            result = evaluate(args)
-            print_eval(result)
-            if args.json:
-                metrics._write_json_atomic(Path(args.json), result)
-                print(f"wrote {args.json}")
-        else:
-            missing = [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]
-            if missing:
-                raise UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
-            train(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_command(_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

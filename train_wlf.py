@@ -1123,26 +1123,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def run_command(command, args) -> None:
+    """command(args); a UserError ends the process with its one-line message and status 2. The process group
+    (torchrun's or the 1-rank one) is closed either way."""
     try:
-        if args.command == "precompute":
-            precompute(args)
-        elif args.command == "export":
-            export_checkpoint(args)
-        elif args.dry_run:
-            dry_run(args)
-        else:
-            missing = [f"--{n}" for n in ("shards", "transformer", "out") if getattr(args, n) is None]
-            if missing:
-                raise UserError(f"train needs {', '.join(missing)} (or --dry-run)")
-            train(args)
+        command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _command(args) -> None:
+    if args.command == "precompute":
+        precompute(args)
+    elif args.command == "export":
+        export_checkpoint(args)
+    elif args.dry_run:
+        dry_run(args)
+    else:
+        missing = [f"--{n}" for n in ("shards", "transformer", "out") if getattr(args, n) is None]
+        if missing:
+            raise UserError(f"train needs {', '.join(missing)} (or --dry-run)")
+        train(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
