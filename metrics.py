@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sys
-import tempfile
+import uuid
 from io import BytesIO
 from pathlib import Path
 
@@ -673,14 +673,15 @@ def _json_safe(x):
 def _write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # made by open: umask permissions
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(_json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # the writer may have failed before creating it
+            os.unlink(tmp)
         raise
 
 

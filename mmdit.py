@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -936,10 +936,14 @@ def save_transformer(model: "Flux | MMDiT", path: str, *, layout: str = "officia
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
     def atomic(write, target):
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)) or ".", suffix=".tmp")
-        os.close(fd)
+        # a unique name beside the target
+        tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.{os.getpid()}-"
+                           f"{uuid.uuid4().hex[:8]}.tmp")
         try:
             write(tmp)
+            mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
+            os.umask(mask)  # but exported weights should get the permissions of any file the user creates
+            os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

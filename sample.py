@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,13 +103,14 @@ def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
         info.add_text(key, str(value))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.png")  # umask permissions
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             Image.fromarray(array).save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # the writer may have failed before creating it
+            os.unlink(tmp)
         raise
 
 

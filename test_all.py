@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import types
@@ -2687,6 +2688,10 @@ def test_train_vae_trains_only_the_decoder_and_exports_f16(_train_vae_assets, tm
         assert all(torch.equal(sd[k], start[k]) for k in sd if k.startswith("encoder."))
         moved = max((sd[k] - start[k]).abs().max().item() for k in sd if k.startswith("decoder."))
         assert moved > 1e-4
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (run / "vae-f16.safetensors", run / "vae-f16" / "diffusion_pytorch_model.safetensors", run / "log.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # not safetensors' private 0600
     exported = vae.load_vae(run / "vae-f16.safetensors")
     before = vae.load_vae(root / "ae.safetensors", stride=2)
     x = _train_vae_batch(root)

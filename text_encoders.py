@@ -33,7 +33,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -916,13 +916,16 @@ def save_embeddings(path, tensors: dict[str, Tensor], key: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a unique name beside the target
     try:
         save_file(data, tmp, metadata={"key": key})
+        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
+        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # the writer may have failed before creating it
+            os.unlink(tmp)
         raise
 
 

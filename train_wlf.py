@@ -37,8 +37,8 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +64,12 @@ class UserError(Exception):
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path) then rename: a crash never leaves a half-written file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
     try:
         write(tmp)
+        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
+        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

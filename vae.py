@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -432,13 +432,16 @@ def to_diffusers_state_dict(ae: AutoEncoder) -> dict[str, Tensor]:
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
     try:
         write(tmp)
+        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
+        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # the writer may have failed before creating it
+            os.unlink(tmp)
         raise
 
 
