@@ -26,7 +26,7 @@ One step on a batch x of random crops (in [−1, 1]):
 Departures from the authors' released code (see README): D returns logits (theirs ends in a sigmoid, which
 turns the hinge loss into a linear one); x̂ is not clamped in the L2 term (a clamp stops the gradient exactly
 where the decoder overshoots); latents are the posterior mean (they sample); the gradient penalty is off by
-default (theirs: γ = 10).
+default (theirs: γ = 10); decoder and D both step on every batch (theirs alternate between batches).
 
 Determinism: sample order, crop offsets and discriminator initialization depend only on --seed and the
 position in the sample stream, so a run depends on the global batch, not on how it is split over GPUs, and
