@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import uuid
 from io import BytesIO
 from pathlib import Path
 
@@ -323,10 +322,16 @@ def compression_ratio(image, quality: int = 95) -> float:
 # Reconstruction metrics on (H, W, 3) uint8 pairs (data range 255)
 
 
-def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:
+def _same_size(image, reference) -> tuple[np.ndarray, np.ndarray]:
+    """Both as (H, W, 3) uint8 arrays; ValueError if their sizes differ."""
     a, b = to_rgb_array(image), to_rgb_array(reference)
     if a.shape != b.shape:
         raise ValueError(f"image sizes differ: {a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}")
+    return a, b
+
+
+def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _same_size(image, reference)
     return a.astype(np.float64), b.astype(np.float64)
 
 
@@ -500,9 +505,7 @@ def image_to_tensor(image) -> torch.Tensor:
 @torch.no_grad()
 def lpips(image, reference, *, model: LPIPS) -> float:
     """LPIPS distance between two images of one size (uint8 arrays, PIL images or paths)."""
-    a, b = to_rgb_array(image), to_rgb_array(reference)
-    if a.shape != b.shape:
-        raise ValueError(f"image sizes differ: {a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}")
+    a, b = _same_size(image, reference)
     device = next(model.parameters()).device
     return float(model(image_to_tensor(a).to(device), image_to_tensor(b).to(device)))
 
@@ -672,17 +675,10 @@ def _json_safe(x):
 
 def _write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # made by open: umask permissions
-    try:
-        with open(tmp, "x") as f:
-            json.dump(_json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # the writer may have failed before creating it
-            os.unlink(tmp)
-        raise
+    from vae import atomic_write  # the project's one atomic writer for scripts
+
+    text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def main(argv=None) -> int:

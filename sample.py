@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,17 +100,8 @@ def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.png")  # umask permissions
-    try:
-        with open(tmp, "xb") as f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # the writer may have failed before creating it
-            os.unlink(tmp)
-        raise
+    vae_lib.atomic_write(Path(path).absolute(),
+                         lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
 
 
 # ---------------------------------------------------------------------------------------------------------

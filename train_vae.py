@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 import metrics
 import vae
-from train_wlf import SampleStream, UserError, _atomic_write, _positive, _write_json, run_command, setup_distributed
+from train_wlf import SampleStream, UserError, _positive, _write_json, run_command, setup_distributed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -57,18 +57,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Data: every image under a folder (recursively), random crops at native resolution
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, flag: str = "--data") -> list[Path]:
+    """Every image file under `folder`, recursively, sorted; UserError (naming `flag`) if there is none."""
     if not folder.is_dir():
-        raise UserError(f"--data {folder}: no such directory")
+        raise UserError(f"{flag} {folder}: no such directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise UserError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     return files
-
-
-def to_tensor(rgb: np.ndarray) -> Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [−1, 1]."""
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
 
 
 def random_crop(path: Path, size: int, rng: random.Random) -> Tensor:
@@ -82,7 +78,7 @@ def random_crop(path: Path, size: int, rng: random.Random) -> Tensor:
         image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
         w, h = image.size
     left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    return to_tensor(np.asarray(image.crop((left, top, left + size, top + size))))
+    return metrics.image_to_tensor(image.crop((left, top, left + size, top + size)))[0]
 
 
 class CropStream(torch.utils.data.Dataset):
@@ -285,7 +281,7 @@ def list_checkpoints(run: Path) -> list[Path]:
 def save_checkpoint(run: Path, state: dict, keep: int) -> Path:
     """Rank 0 writes checkpoints/step-N.pt through a temporary file; the older ones beyond `keep` go."""
     path = run / "checkpoints" / f"step-{state['step']:08d}.pt"
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    vae.atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(run)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -465,7 +461,7 @@ def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
 @torch.no_grad()
 def reconstruct(ae: vae.AutoEncoder, rgb: np.ndarray, device, dtype) -> np.ndarray:
     """decode(encode(image)) as an (H, W, 3) uint8 image (posterior mean, partitioned decode, rounded)."""
-    x = to_tensor(rgb)[None].to(device, dtype)
+    x = metrics.image_to_tensor(rgb).to(device, dtype)
     y = ae.decode(ae.encode(x)).float().clamp(-1, 1)
     return ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -474,13 +470,7 @@ def evaluate(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     root = Path(args.eval)
-    if not root.is_dir():
-        raise UserError(f"--eval {root}: no such directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if args.eval_limit:
-        files = files[: args.eval_limit]
-    if not files:
-        raise UserError(f"--eval {root}: no images in it")
+    files = list_images(root, "--eval")[: args.eval_limit]
     trained = args.trained or (Path(args.out) / f"{args.export_name}.safetensors" if args.out else None)
     if trained is not None and not Path(trained).exists():
         raise UserError(f"--trained {trained}: not found (train first, or give the exported F16 autoencoder)")

@@ -38,7 +38,6 @@ import random
 import shutil
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,24 +60,8 @@ class UserError(Exception):
     """Bad input: main() prints the message as one line and exits with status 2."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a crash never leaves a half-written file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
-    try:
-        write(tmp)
-        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
-        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    vae.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,7 +157,7 @@ class ShardWriter:
         tensors = {name: torch.stack(values[:count]).contiguous() for name, values in self.buffer.items()}
         self.buffer = {name: values[count:] for name, values in self.buffer.items()}
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        _atomic_write(self.out / name, lambda tmp: save_file(tensors, tmp))
+        vae.atomic_write(self.out / name, lambda tmp: save_file(tensors, tmp))
         self.manifest["shards"].append({"file": name, "count": count})
         self.manifest["num_samples"] += count
         self.manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume

@@ -430,7 +430,9 @@ def to_diffusers_state_dict(ae: AutoEncoder) -> dict[str, Tensor]:
     return {table[k]: (v.flatten(1) if _ATTN_WEIGHT.search(k) else v) for k, v in ae.state_dict().items()}
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The file
+    gets the permissions of any file the user creates (umask), whatever the writer gave it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
     try:
@@ -452,11 +454,11 @@ def save_vae(ae: AutoEncoder, path: str | os.PathLike) -> None:
     if path.suffix == ".safetensors":
         sd = {k: v.detach().contiguous() for k, v in ae.state_dict().items()}
         meta = {k: str(getattr(p, k)) for k in ("scale_factor", "shift_factor", "stride", "groups")}
-        _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
         return
     sd = {k: v.detach().contiguous() for k, v in to_diffusers_state_dict(ae).items()}
-    _atomic(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(diffusers_config(p), indent=2) + "\n"))
+    atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(diffusers_config(p), indent=2) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------
