@@ -28,7 +28,6 @@ CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glc
 """
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
+
+from vae import UserError, write_json  # the scripts' shared error type and atomic JSON writer
 
 # ----------------------------------------------------------------------------------------------------
 # Loading images
@@ -514,10 +515,6 @@ def lpips(image, reference, *, model: LPIPS) -> float:
 # CLI
 
 
-class _UsageError(Exception):
-    """Bad input that ends the CLI with a one-line message and exit status 2."""
-
-
 def _list_files(root: Path) -> list[Path]:
     """Every non-hidden file under root (or root itself if it is a file), sorted by relative path."""
     if root.is_file():
@@ -568,30 +565,30 @@ def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
 def _evaluate(args) -> dict:
     root = Path(args.dir)
     if not root.exists():
-        raise _UsageError(f"{root}: no such file or directory")
+        raise UserError(f"{root}: no such file or directory")
     ref_root = Path(args.ref) if args.ref else None
     if ref_root is not None and not ref_root.is_dir():
-        raise _UsageError(f"--ref {ref_root}: no such directory")
+        raise UserError(f"--ref {ref_root}: no such directory")
     if args.crop is not None and args.crop < GLCM_PATCH:
-        raise _UsageError(f"--crop must be at least {GLCM_PATCH}, got {args.crop}")
+        raise UserError(f"--crop must be at least {GLCM_PATCH}, got {args.crop}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise _UsageError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
+        raise UserError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     args.pair_metrics = dict(PAIR_METRICS)
     if args.lpips:
         if ref_root is None:
-            raise _UsageError("--lpips compares image pairs: give --ref DIR")
+            raise UserError("--lpips compares image pairs: give --ref DIR")
         try:
             model = load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
         except (OSError, ValueError) as e:
-            raise _UsageError(str(e)) from None
+            raise UserError(str(e)) from None
         args.pair_metrics["lpips"] = functools.partial(lpips, model=model)
     files = _list_files(root)
     if not files:
-        raise _UsageError(f"{root}: no files in this folder")
+        raise UserError(f"{root}: no files in this folder")
     base = root.parent if root.is_file() else root
 
     from tqdm import tqdm
@@ -608,7 +605,7 @@ def _evaluate(args) -> dict:
         if why_no_ref:
             unmatched.append({"file": name, "reason": why_no_ref})
     if not rows:
-        raise _UsageError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
+        raise UserError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
                           f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
                           f"{', ...' if len(skipped) > 1 else ''})")
     return {
@@ -662,25 +659,6 @@ def _print_report(result: dict) -> None:
                 print(f"  {it['file']}: {it['reason']}")
 
 
-def _json_safe(x):
-    """inf / nan (PSNR of identical images) become null: strict JSON has no infinity."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
-    from vae import atomic_write  # the project's one atomic writer for scripts
-
-    text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Diffusion-4K image metrics: GLCM score (Eq. 11) and compression ratio (Eq. 12) of every "
@@ -704,12 +682,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = _evaluate(args)
-    except _UsageError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_report(result)
     if args.json:
-        _write_json_atomic(Path(args.json), result)
+        write_json(Path(args.json), result)
         print(f"wrote {args.json}")
     return 0
 

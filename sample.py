@@ -108,10 +108,6 @@ def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
 # Finding and loading the weights
 
 
-class WeightsError(Exception):
-    """A piece of the weights is missing: the message names it and where it was looked for."""
-
-
 # Where each piece may lie inside --weights DIR, in order: a diffusers snapshot's sub-folder first, then the
 # official single files (the Hugging Face repos of FLUX.1 and SD3 hold both layouts).
 _FLUX_FILES = {"flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors"}
@@ -124,14 +120,14 @@ def _find(root: Path, what: str, candidates: list[str]) -> Path:
         matches = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
         if matches:
             return matches[0]
-    raise WeightsError(f"{what} not found in {root} (looked for: {', '.join(candidates)})")
+    raise vae_lib.UserError(f"{what} not found in {root} (looked for: {', '.join(candidates)})")
 
 
 def find_weights(model: str, root: str | os.PathLike) -> dict[str, Path]:
     """The path of every piece `model` needs under `root`: transformer, vae, text encoders, tokenizers."""
     root = Path(root)
     if not root.is_dir():
-        raise WeightsError(f"weights directory not found: {root} (give --weights DIR with the official files or a "
+        raise vae_lib.UserError(f"weights directory not found: {root} (give --weights DIR with the official files or a "
                            "diffusers snapshot)")
     if model.startswith("flux"):
         paths = {
@@ -188,7 +184,7 @@ def load_pipeline(model: str, weights, *, vae: str | None = None, device="cpu", 
     transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
     if family != ("flux" if model.startswith("flux") else "sd3"):
-        raise WeightsError(f"{paths['transformer']} holds a {family} transformer, not {model}")
+        raise vae_lib.UserError(f"{paths['transformer']} holds a {family} transformer, not {model}")
     te = text_encoders
 
     def clip(which):  # `which` picks the encoder out of an SD3 checkpoint that bundles them
@@ -389,7 +385,7 @@ def main(argv=None) -> int:
         if a.model not in MODELS:
             raise ValueError(f"unknown model {a.model!r}: choose one of {', '.join(MODELS)}")
         if a.model != "tiny" and not a.weights:
-            raise WeightsError(f"--model {a.model} needs --weights DIR (the official files or a diffusers snapshot); "
+            raise vae_lib.UserError(f"--model {a.model} needs --weights DIR (the official files or a diffusers snapshot); "
                                "--model tiny runs without weights")
         if a.num_images < 1:
             raise ValueError(f"--num-images must be at least 1, got {a.num_images}")
@@ -411,7 +407,7 @@ def main(argv=None) -> int:
         images, stats = generate(pipe, a.prompt, width=width, height=height, steps=steps, guidance=guidance,
                                  seed=a.seed, num_images=a.num_images, partitions=a.partitions, device=a.device,
                                  offload=a.offload)
-    except (WeightsError, ValueError, FileNotFoundError) as e:
+    except (vae_lib.UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metadata = {"prompt": a.prompt, "model": a.model, "seed": a.seed, "steps": steps, "guidance": guidance,

@@ -38,6 +38,12 @@ import train_wlf
 import vae
 import wavelet
 
+
+def rel(a, b) -> float:
+    """max |a − b| / max |b|, in float64: an error judged against the scale of the values it is in."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
+
 # ====================================================================================================
 # wavelet
 # ====================================================================================================

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 import metrics
 import vae
-from train_wlf import SampleStream, UserError, _positive, _write_json, run_command, setup_distributed
+from train_wlf import SampleStream, positive_int, run_command, setup_distributed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -58,12 +58,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def list_images(folder: Path, flag: str = "--data") -> list[Path]:
-    """Every image file under `folder`, recursively, sorted; UserError (naming `flag`) if there is none."""
+    """Every image file under `folder`, recursively, sorted; vae.UserError (naming `flag`) if there is none."""
     if not folder.is_dir():
-        raise UserError(f"{flag} {folder}: no such directory")
+        raise vae.UserError(f"{flag} {folder}: no such directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        raise vae.UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     return files
 
 
@@ -263,11 +263,11 @@ def load_models(args, device: torch.device) -> SCVAE:
         teacher = vae.load_vae(args.vae, stride=1, device=device, dtype=torch.float32, config=args.config)
         student = vae.load_vae(args.vae, stride=2, device=device, dtype=torch.float32, config=args.config)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the autoencoder: {e}") from None
+        raise vae.UserError(f"cannot load the autoencoder: {e}") from None
     try:
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise vae.UserError(str(e)) from None
     torch.manual_seed(args.seed)  # D's initialization (and its spectral-norm vectors) are the same on every rank
     disc = Discriminator(tuple(args.disc_channels)).to(device)
     return SCVAE(teacher, student, disc, lpips)
@@ -327,14 +327,14 @@ def train(args) -> None:
         if args.resume != "latest":
             resume = Path(args.resume)
             if not resume.is_file():
-                raise UserError(f"--resume {resume}: no such checkpoint file")
+                raise vae.UserError(f"--resume {resume}: no such checkpoint file")
         elif found := list_checkpoints(run):
             resume = found[-1]
         else:
             _log(rank, f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
     m = load_models(args, device)
     if args.resolution % m.student.factor:
-        raise UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
+        raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
     decoder_params = list(m.student.decoder.parameters())
     opt_g = torch.optim.AdamW(decoder_params, lr=args.lr, betas=(0.5, 0.9) if args.gan_betas else (0.9, 0.999),
                               weight_decay=args.weight_decay)
@@ -345,7 +345,7 @@ def train(args) -> None:
     if resume is not None:
         state = torch.load(resume, map_location=device, weights_only=True)
         if state["global_batch"] != args.batch_size * world:
-            raise UserError(f"{resume} was trained with a global batch of {state['global_batch']}, this run has "
+            raise vae.UserError(f"{resume} was trained with a global batch of {state['global_batch']}, this run has "
                             f"{args.batch_size * world}; keep --batch-size × GPUs the same to resume")
         m.student.decoder.load_state_dict(state["decoder"])
         m.disc.load_state_dict(state["disc"])
@@ -359,7 +359,7 @@ def train(args) -> None:
 
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        _write_json(run / "args.json", {**vars(args), "world_size": world})
+        vae.write_json(run / "args.json", {**vars(args), "world_size": world})
     dataset = CropStream(files, args.resolution, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(step, args.steps, args.batch_size, rank, world),
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -473,19 +473,19 @@ def evaluate(args) -> dict:
     files = list_images(root, "--eval")[: args.eval_limit]
     trained = args.trained or (Path(args.out) / f"{args.export_name}.safetensors" if args.out else None)
     if trained is not None and not Path(trained).exists():
-        raise UserError(f"--trained {trained}: not found (train first, or give the exported F16 autoencoder)")
+        raise vae.UserError(f"--trained {trained}: not found (train first, or give the exported F16 autoencoder)")
     try:
         models = {"F8": vae.load_vae(args.vae, stride=1, device=device, dtype=dtype, config=args.config),
                   "F16 before": vae.load_vae(args.vae, stride=2, device=device, dtype=dtype, config=args.config)}
         if trained is not None:
             models["F16 after"] = vae.load_vae(trained, device=device, dtype=dtype)
             if models["F16 after"].params.stride != 2:
-                raise UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
+                raise vae.UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise vae.UserError(str(e)) from None
     if args.eval_size % max(ae.factor for ae in models.values()):
-        raise UserError(f"--eval-size must be a multiple of {max(ae.factor for ae in models.values())}")
+        raise vae.UserError(f"--eval-size must be a multiple of {max(ae.factor for ae in models.values())}")
     from tqdm import tqdm
 
     rows, skipped = {name: [] for name in models}, []
@@ -501,7 +501,7 @@ def evaluate(args) -> dict:
                                "ssim": metrics.ssim(rec, rgb), "nmse": metrics.nmse(rec, rgb),
                                "lpips": metrics.lpips(rec, rgb, model=lpips)})
     if not rows["F8"]:
-        raise UserError(f"--eval {root}: no readable image ({skipped[0]['file']}: {skipped[0]['reason']})")
+        raise vae.UserError(f"--eval {root}: no readable image ({skipped[0]['file']}: {skipped[0]['reason']})")
     keys = ("psnr", "ssim", "nmse", "lpips")
     summary = {name: {k: float(np.mean([r[k] for r in rs])) for k in keys} for name, rs in rows.items()}
     return {"settings": {"vae": str(args.vae), "trained": str(trained) if trained else None,
@@ -541,9 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(vae.VAE_CONFIGS), help="latent scale/shift (default: from the file)")
     p.add_argument("--data", help="training images, searched recursively (the authors: SA-1B)")
     p.add_argument("--out", help="run folder: checkpoints/, log.jsonl, args.json, vae-f16.safetensors, vae-f16/")
-    p.add_argument("--steps", type=_positive, default=20000, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive, default=4, help="crops per GPU per step")
-    p.add_argument("--resolution", type=_positive, default=512, help="random square crop size (the paper: 512)")
+    p.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="crops per GPU per step")
+    p.add_argument("--resolution", type=positive_int, default=512, help="random square crop size (the paper: 512)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the decoder (the paper: 1e-5)")
     p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
@@ -564,21 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-heads", help=f"LPIPS v0.1 {metrics.LPIPS_HEADS_FILE} (default: the torch hub cache or an "
                    "installed lpips package)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=_positive, default=2)
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint file, or (no value) from "
                    "the newest one under --out, if any")
     p.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
     p.add_argument("--export-name", default="vae-f16", help="name of the exported autoencoder under --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, crops and D's initialization")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes per GPU")
-    p.add_argument("--log-every", type=_positive, default=10)
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval", metavar="DIR", help="evaluate instead of training: PSNR / SSIM / NMSE / LPIPS of the "
                    "F8 autoencoder and the F16 one before and after SC-VAE training, on the images under DIR")
     p.add_argument("--trained", help="--eval: the trained F16 autoencoder (default: --out/vae-f16.safetensors)")
-    p.add_argument("--eval-size", type=_positive, default=2048, help="--eval: resolution (the paper: 2048 and 4096)")
-    p.add_argument("--eval-limit", type=_positive, help="--eval: only the first N images")
+    p.add_argument("--eval-size", type=positive_int, default=2048, help="--eval: resolution (the paper: 2048 and 4096)")
+    p.add_argument("--eval-limit", type=positive_int, help="--eval: only the first N images")
     p.add_argument("--json", help="--eval: also write the per-image results and the summary here")
     return p
 
@@ -588,12 +588,12 @@ def _command(args) -> None:
         result = evaluate(args)
         print_eval(result)
         if args.json:
-            metrics._write_json_atomic(Path(args.json), result)
+            vae.write_json(Path(args.json), result)
             print(f"wrote {args.json}")
     else:
         missing = [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]
         if missing:
-            raise UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
+            raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
         train(args)
 
 

@@ -56,14 +56,6 @@ SHARD_FORMAT = "diffusion4k-wlf-shards"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class UserError(Exception):
-    """Bad input: main() prints the message as one line and exits with status 2."""
-
-
-def _write_json(path: Path, obj) -> None:
-    vae.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Data: an image folder with metadata.jsonl lines {"file_name": ..., "text": ...} (the Aesthetic-4K format)
 
@@ -72,7 +64,7 @@ def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
     """Rows {"file_name", "text"} of folder/metadata.jsonl, and the lines that could not be used."""
     path = folder / "metadata.jsonl"
     if not path.is_file():
-        raise UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
+        raise vae.UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
                         '{"file_name": ..., "text": ...} object per line')
     rows, bad = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -161,7 +153,7 @@ class ShardWriter:
         self.manifest["shards"].append({"file": name, "count": count})
         self.manifest["num_samples"] += count
         self.manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
-        _write_json(self.out / "manifest.json", self.manifest)
+        vae.write_json(self.out / "manifest.json", self.manifest)
 
 
 class LatentShards:
@@ -174,23 +166,23 @@ class LatentShards:
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.is_file():
-            raise UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
+            raise vae.UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != SHARD_FORMAT:
-            raise UserError(f"{path} is not a {SHARD_FORMAT} manifest")
+            raise vae.UserError(f"{path} is not a {SHARD_FORMAT} manifest")
         if not self.manifest.get("complete"):
-            raise UserError(f"{self.folder}: precompute did not finish; run the same precompute command again to "
+            raise vae.UserError(f"{self.folder}: precompute did not finish; run the same precompute command again to "
                             "complete it")
         self._safe_open = safe_open
         self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
         self.counts = [s["count"] for s in self.manifest["shards"]]
         missing = [str(f) for f in self.files if not f.is_file()]
         if missing:
-            raise UserError(f"shard files missing: {', '.join(missing[:3])}")
+            raise vae.UserError(f"shard files missing: {', '.join(missing[:3])}")
         self.starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
         self.length = sum(self.counts) if max_samples is None else min(max_samples, sum(self.counts))
         if self.length == 0:
-            raise UserError(f"{self.folder} holds no samples")
+            raise vae.UserError(f"{self.folder} holds no samples")
         self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -247,7 +239,7 @@ def load_conditioner(args, device: torch.device, dtype: torch.dtype):
     t5 = args.t5 or sub("text_encoder_2" if flux else "text_encoder_3")
     need = {"--clip-l": clip_l, "--t5": t5, **({} if flux else {"--clip-g": clip_g})}
     if missing := [flag for flag, value in need.items() if value is None]:
-        raise UserError(f"precompute --model {args.model} needs {', '.join(missing)} (or --weights DIR, a diffusers "
+        raise vae.UserError(f"precompute --model {args.model} needs {', '.join(missing)} (or --weights DIR, a diffusers "
                         "snapshot with text_encoder*/ and tokenizer*/ folders)")
     tok = {  # explicit > the snapshot's tokenizer*/ folder > beside the encoder
         "clip_l": args.clip_l_tokenizer or (sub("tokenizer") if root and not args.clip_l else None) or clip_l,
@@ -267,13 +259,13 @@ def load_conditioner(args, device: torch.device, dtype: torch.dtype):
         return text_encoders.SD3Conditioner(clip_l_model, clip_g_model, clip_l_tok, clip_g_tok, t5_model, t5_tok,
                                             t5_length=t5_length)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the text encoders: {e}") from None
+        raise vae.UserError(f"cannot load the text encoders: {e}") from None
 
 
 def precompute(args) -> None:
     """Encode every image of --data with the VAE and its prompt with the text encoders, into shards."""
     if args.model not in mmdit.CONFIGS:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
+        raise vae.UserError(f"unknown --model {args.model!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
     family = "flux" if args.model.startswith("flux") else "sd3"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -281,13 +273,13 @@ def precompute(args) -> None:
     rows, bad_lines = read_metadata(data)
     vae_path = args.vae or args.weights
     if vae_path is None:
-        raise UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
+        raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
     try:
         ae = vae.load_vae(vae_path, stride=2 if args.f16 else None, device=device, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the autoencoder: {e}") from None
+        raise vae.UserError(f"cannot load the autoencoder: {e}") from None
     if args.resolution % (2 * ae.factor):
-        raise UserError(f"--resolution {args.resolution} must be a multiple of {2 * ae.factor} (F{ae.factor} "
+        raise vae.UserError(f"--resolution {args.resolution} must be a multiple of {2 * ae.factor} (F{ae.factor} "
                         "autoencoder, 2×2 latent patches)")
     settings = {"model": args.model, "family": family, "data": str(data.resolve()), "rows": len(rows),
                 "resolution": args.resolution, "flip": args.flip, "seed": args.seed, "vae": str(vae_path),
@@ -302,7 +294,7 @@ def precompute(args) -> None:
         same = all(old.get(k) == v for k, v in settings.items())
         if args.overwrite or not same:
             if not args.overwrite:
-                raise UserError(f"{out} holds shards made with other settings; use another --out or --overwrite")
+                raise vae.UserError(f"{out} holds shards made with other settings; use another --out or --overwrite")
             for f in out.glob("shard-*.safetensors"):
                 f.unlink()
             path.unlink()
@@ -350,8 +342,8 @@ def precompute(args) -> None:
         progress.close()
     manifest["next_row"], manifest["skipped"], manifest["complete"] = len(rows), skipped, True
     if manifest["num_samples"] == 0:
-        raise UserError(f"{data}: no readable image among {len(rows)} metadata rows; nothing was written")
-    _write_json(path, manifest)
+        raise vae.UserError(f"{data}: no readable image among {len(rows)} metadata rows; nothing was written")
+    vae.write_json(path, manifest)
     print(f"encoded {manifest['num_samples']} samples into {len(manifest['shards'])} shard(s) in {out}; "
           f"skipped {len(skipped)} unreadable or bad entries" + (" (listed in manifest.json)" if skipped else ""))
 
@@ -510,7 +502,7 @@ def load_model(path: str, device: torch.device, precision: str, activation_check
     dist.broadcast_object_list(payload, src=0)
     kind, params = payload[0]
     if kind == "error":
-        raise UserError(params)
+        raise vae.UserError(params)
     with torch.device("meta"):
         model = getattr(mmdit, kind)(params)
     # Each block runs under torch.utils.checkpoint (non-reentrant) inside the model's forward; FSDP's hooks on
@@ -592,7 +584,7 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer, step: int, position:
     dist.barrier()
     if rank == 0:
         meta = {"step": step, "position": position, "world_size": dist.get_world_size(), **extra}
-        _write_json(tmp / "meta.json", meta)
+        vae.write_json(tmp / "meta.json", meta)
         if final.exists():  # an incomplete folder of that name (no meta.json) cannot be resumed from anyway
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -826,7 +818,7 @@ def train(args) -> None:
         if args.resume != "latest":
             resume = Path(args.resume)
             if not (resume / "meta.json").is_file():
-                raise UserError(f"--resume {resume}: not a complete checkpoint (no meta.json)")
+                raise vae.UserError(f"--resume {resume}: not a complete checkpoint (no meta.json)")
         elif found:
             resume = found[-1]
         else:
@@ -835,14 +827,14 @@ def train(args) -> None:
     model = load_model(args.transformer, device, args.precision, not args.no_activation_checkpointing, rank)
     family = family_of(model)
     if m["family"] != family:
-        raise UserError(f"{args.shards} was encoded for {m['family']} but {args.transformer} is a {family} "
+        raise vae.UserError(f"{args.shards} was encoded for {m['family']} but {args.transformer} is a {family} "
                         "transformer; precompute the shards with the matching --model")
     p = model.params
     wanted = (p.context_in_dim, p.vec_in_dim if family == "flux" else p.adm_in_channels,
               p.in_channels // 4 if family == "flux" else p.in_channels)
     got = (m["context_shape"][-1], m["pooled_dim"], m["latent_shape"][0])
     if wanted != got:
-        raise UserError(f"{args.shards} holds (text width, pooled width, latent channels) = {got} but the transformer "
+        raise vae.UserError(f"{args.shards} holds (text width, pooled width, latent channels) = {got} but the transformer "
                         f"expects {wanted}: precompute with this model's text encoders and autoencoder")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, eps=1e-8)
@@ -862,7 +854,7 @@ def train(args) -> None:
     peak = args.peak_tflops or peak_tflops(device)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        _write_json(run / "args.json", vars(args))
+        vae.write_json(run / "args.json", vars(args))
         n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
         print(f"{family} transformer, {n / 1e6:,.1f} M parameters; {len(shards)} samples; {world} rank(s) × batch "
               f"{args.batch_size} × accumulation {args.grad_accum} = global batch {global_batch}; {tokens} tokens "
@@ -955,11 +947,11 @@ def export_checkpoint(args) -> None:
 
     folder = Path(args.checkpoint)
     if not (folder / "meta.json").is_file():
-        raise UserError(f"{folder}: not a complete checkpoint (no meta.json)")
+        raise vae.UserError(f"{folder}: not a complete checkpoint (no meta.json)")
     try:
         model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
+        raise vae.UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -975,15 +967,15 @@ def dry_run(args) -> None:
         name = args.model or m["model"]
     else:
         if not args.model:
-            raise UserError("--dry-run needs --model NAME (or --shards) to know the architecture")
+            raise vae.UserError("--dry-run needs --model NAME (or --shards) to know the architecture")
         name = args.model
         factor = 16 if args.f16 else 8
         if args.resolution % (2 * factor):
-            raise UserError(f"--resolution must be a multiple of {2 * factor} with the F{factor} autoencoder")
+            raise vae.UserError(f"--resolution must be a multiple of {2 * factor} with the F{factor} autoencoder")
         latent_hw = (args.resolution // factor, args.resolution // factor)
         text_tokens = args.text_tokens or default_text_tokens(name)
     if name not in mmdit.CONFIGS:
-        raise UserError(f"unknown --model {name!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
+        raise vae.UserError(f"unknown --model {name!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     plan = memory_plan(mmdit.CONFIGS[name], latent_hw=latent_hw, text_tokens=text_tokens, batch=args.batch_size,
                        world_size=world, gpu_gib=args.gpu_memory, precision=args.precision,
@@ -999,7 +991,7 @@ def default_text_tokens(model_name: str) -> int:
     return 77 + 256
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -1043,9 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=4096, help="square crop size after resizing the shorter side")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
-    p.add_argument("--batch-size", type=_positive, default=1, help="images per VAE call")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per VAE call")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
-    p.add_argument("--shard-size", type=_positive, default=256, help="samples per shard file")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard file")
     p.add_argument("--store-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the stored tensors")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="encoder compute dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", help="default cuda if available")
@@ -1056,9 +1048,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", help="folder written by `precompute`")
     t.add_argument("--transformer", help="transformer weights: flux1-dev.safetensors, sd3 checkpoint, diffusers folder")
     t.add_argument("--out", help="run folder: checkpoints/, log.jsonl, args.json, transformer.safetensors")
-    t.add_argument("--steps", type=_positive, default=20000, help="optimizer steps (the authors: 20k)")
-    t.add_argument("--batch-size", type=_positive, default=4, help="samples per GPU per micro-step (the authors: 4)")
-    t.add_argument("--grad-accum", type=_positive, default=1, help="micro-steps per optimizer step")
+    t.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps (the authors: 20k)")
+    t.add_argument("--batch-size", type=positive_int, default=4, help="samples per GPU per micro-step (the authors: 4)")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     t.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper: 1e-6, constant)")
     t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
     t.add_argument("--beta1", type=float, default=0.9)
@@ -1069,7 +1061,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wlf: Eq. 10 on x̂0 = x_t − t·v (the authors'); mse: plain velocity MSE")
     t.add_argument("--band-weights", type=_band_weights, default=[1.0, 1.0, 1.0, 1.0],
                    help="WLF weights w_LL,w_LH,w_HL,w_HH (default 1,1,1,1 = x0-space MSE)")
-    t.add_argument("--wavelet-levels", type=_positive, default=1)
+    t.add_argument("--wavelet-levels", type=positive_int, default=1)
     t.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
                    help="t sampling (the authors' Flux run: uniform)")
     t.add_argument("--logit-mean", type=float, default=0.0)
@@ -1080,15 +1072,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (parameters, gradients, optimizer state stay fp32)")
     t.add_argument("--no-activation-checkpointing", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
-    t.add_argument("--keep-checkpoints", type=_positive, default=2, help="how many recent checkpoints to keep")
+    t.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many recent checkpoints to keep")
     t.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or (no value) "
                    "from the newest one under --out, if any")
     t.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
     t.add_argument("--export-dtype", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--export-name", help="file name of the final export (default transformer.safetensors)")
-    t.add_argument("--max-samples", type=_positive, help="use only the first N samples (e.g. overfit one batch)")
+    t.add_argument("--max-samples", type=positive_int, help="use only the first N samples (e.g. overfit one batch)")
     t.add_argument("--seed", type=int, default=0, help="seed of the sample order, noise and timesteps")
-    t.add_argument("--log-every", type=_positive, default=10)
+    t.add_argument("--log-every", type=positive_int, default=10)
     t.add_argument("--peak-tflops", type=float, help="per-GPU peak for the MFU estimate (default: known GPUs)")
     t.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--no-progress", action="store_true")
@@ -1109,11 +1101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(command, args) -> None:
-    """command(args); a UserError ends the process with its one-line message and status 2. The process group
+    """command(args); a vae.UserError ends the process with its one-line message and status 2. The process group
     (torchrun's or the 1-rank one) is closed either way."""
     try:
         command(args)
-    except UserError as e:
+    except vae.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -1131,7 +1123,7 @@ def _command(args) -> None:
     else:
         missing = [f"--{n}" for n in ("shards", "transformer", "out") if getattr(args, n) is None]
         if missing:
-            raise UserError(f"train needs {', '.join(missing)} (or --dry-run)")
+            raise vae.UserError(f"train needs {', '.join(missing)} (or --dry-run)")
         train(args)
 
 

@@ -430,23 +430,6 @@ def to_diffusers_state_dict(ae: AutoEncoder) -> dict[str, Tensor]:
     return {table[k]: (v.flatten(1) if _ATTN_WEIGHT.search(k) else v) for k, v in ae.state_dict().items()}
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The file
-    gets the permissions of any file the user creates (umask), whatever the writer gave it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
-    try:
-        write(tmp)
-        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
-        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # the writer may have failed before creating it
-            os.unlink(tmp)
-        raise
-
-
 def save_vae(ae: AutoEncoder, path: str | os.PathLike) -> None:
     """`*.safetensors`: the official single-file layout (config in the file's metadata);
     anything else: a diffusers `vae/` folder (config.json with "stride" + diffusion_pytorch_model.safetensors)."""
@@ -578,3 +561,44 @@ def _load_diffusers(folder: Path, stride, device, dtype, config) -> AutoEncoder:
                              "Flux / SD3 autoencoder (no quant convs) is supported")
         table = diffusers_key_map(params)
         return _materialize(params, f, keys_in_file, table.__getitem__, str(weights), device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared with the scripts (sample, metrics, train_wlf, train_vae): model files may not import one
+# another, and this is the one project file every script can import, so the scripts' user-error
+# type and their atomic file writing live here.
+
+
+class UserError(Exception):
+    """Bad input to a script: its main() prints the message as one line and exits with status 2."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The file
+    gets the permissions of any file the user creates (umask), whatever the writer gave it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # a unique name beside the target
+    try:
+        write(tmp)
+        mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
+        os.umask(mask)  # but exported weights should get the permissions of any file the user creates
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # the writer may have failed before creating it
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Indented JSON, written atomically; inf / nan (the PSNR of identical images) become null, since
+    strict JSON has no infinity."""
+    def safe(x):
+        if isinstance(x, dict):
+            return {k: safe(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [safe(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    text = json.dumps(safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
