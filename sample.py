@@ -1,13 +1,17 @@
 """Text-to-image sampling up to 4096×4096 with Flux or SD3 (paper Sec. 6.1): a rectified-flow Euler sampler.
 
-The sampler is a handful of plain functions a reader can follow top to bottom:
+Rectified flow: x_t = (1 − t)·x0 + t·ε, the transformer predicts v = ε − x0, and t runs from 1 (noise) to 0
+(image), so one Euler step is x ← x + (t_prev − t_curr)·v. The sampler is a handful of plain functions:
 
-    noise = get_noise(...)                      # drawn on the CPU from the seed: CPU and GPU runs agree
-    sigmas = flux_schedule(...) | sd3_schedule(...)
-    latents = denoise(velocity_fn, noise, sigmas)   # Euler: x ← x + (σ_next − σ)·v
-    image = vae.decode(latents)
+    noise = get_noise(...)
+    timesteps = flux_schedule(...) | sd3_schedule(...)
+    latents = denoise(flux_velocity(...) | sd3_cfg_velocity(...), noise, timesteps)
+    images = ae.decode(latents, partitions=n)     # F16: the last decoder stage in an n×n grid (Sec. 4.1)
 
-Rectified flow: x_σ = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0, and σ runs from 1 (noise) to 0.
+The schedules and the Euler step equal diffusers' FlowMatchEulerDiscreteScheduler, with which the authors' release
+samples. Differences from that release: the Euler state stays in fp32 while the transformer runs in bf16 (diffusers
+rounds it back to bf16 after every step, so the rounding accumulates over 50 steps); images are lossless PNG (theirs
+are JPEG, quality 95); flux-dev's guidance defaults to FLUX.1-dev's own 3.5 (their script defaults to 7.0).
 """
 import argparse
 import json
@@ -16,22 +20,21 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
 
 import mmdit
-import text_encoders
+import text_encoders as te
 import vae as vae_lib
 
 MODELS = ("flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
 DEFAULT_STEPS = {"flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper's evaluation
 DEFAULT_GUIDANCE = {"flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 family: CFG 7.0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Noise and schedules
 
 
 def get_noise(num: int, height: int, width: int, downsample: int, seed: int, channels: int = 16) -> torch.Tensor:
@@ -42,7 +45,7 @@ def get_noise(num: int, height: int, width: int, downsample: int, seed: int, cha
 
 
 def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
-    """Flux's resolution-dependent shift: t ← e^mu / (e^mu + 1/t − 1). Keeps t = 0 at 0."""
+    """Flux's resolution-dependent shift t ← e^mu / (e^mu + 1/t − 1): more of the steps at high noise."""
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
@@ -54,15 +57,15 @@ def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15
 
 
 def flux_schedule(steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
-    """steps + 1 values of σ from 1 to 0. Flux-dev shifts towards noise for long sequences; schnell does not."""
+    """steps + 1 values of t from 1 to 0. flux-dev shifts them by the image sequence length; schnell does not."""
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     if shift:
-        t[:-1] = time_shift(flux_mu(image_seq_len), t[:-1])  # t = 0 stays 0 (avoid 1/0)
+        t[:-1] = time_shift(flux_mu(image_seq_len), t[:-1])  # the final 0 stays 0 (1/t would divide by zero)
     return t
 
 
 def sd3_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """steps + 1 values of σ from 1 to 0, as the SD3 reference samples them: timesteps linear in
+    """steps + 1 values of t from 1 to 0, as the SD3 reference samples them: timesteps linear in
     [1000, 1000·σ_min] with σ(s) = shift·s / (1 + (shift − 1)·s) and σ_min = σ(1/1000), then σ(t/1000),
     then a final 0."""
 
@@ -73,90 +76,47 @@ def sd3_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.cat([sigma(timesteps / 1000), timesteps.new_zeros(1)])
 
 
-def denoise(velocity, x: torch.Tensor, sigmas: torch.Tensor, progress=None) -> torch.Tensor:
-    """Euler integration of dx/dσ = v(x, σ) from sigmas[0] down to sigmas[-1].
+def flux_velocity(model: mmdit.Flux, cond: dict, img_ids, txt_ids, guidance: float):
+    """v(x, t) of a Flux transformer for packed latents x (N, L, 64). The guidance is the distilled scale
+    embedded by flux-dev (one pass, no CFG); schnell ignores it."""
+    dtype = next(model.parameters()).dtype
 
-    velocity(x, sigma) returns the model's prediction of ε − x0 for the batch x at noise level sigma
-    (a Python float). `progress`, if given, is called once per step.
-    """
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        v = velocity(x, sigma)
-        x = x + (sigma_next - sigma) * v.to(x.dtype)
+    def velocity(x, t):
+        return model(img=x.to(dtype), img_ids=img_ids, txt=cond["txt"], txt_ids=txt_ids,
+                     timesteps=torch.full((len(x),), t, device=x.device), y=cond["vec"],
+                     guidance=torch.full((len(x),), guidance, device=x.device)).float()
+
+    return velocity
+
+
+def sd3_cfg_velocity(model: mmdit.MMDiT, positive: dict, negative: dict, guidance: float):
+    """v(x, t) of SD3 with classifier-free guidance, v = v_uncond + guidance·(v_cond − v_uncond), both
+    halves in one doubled batch (negative: the empty prompt). SD3 takes the timestep as 1000·t."""
+    dtype = next(model.parameters()).dtype
+    context = torch.cat([positive["context"], negative["context"]])
+    pooled = torch.cat([positive["pooled"], negative["pooled"]])
+
+    def velocity(x, t):
+        timesteps = torch.full((2 * x.shape[0],), t * 1000, device=x.device)
+        v_cond, v_uncond = model(torch.cat([x, x]).to(dtype), timesteps, pooled, context).float().chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    return velocity
+
+
+def denoise(velocity, x: torch.Tensor, timesteps: torch.Tensor, progress=None) -> torch.Tensor:
+    """Euler integration of dx/dt = v(x, t) from timesteps[0] down to timesteps[-1]. velocity(x, t) gets
+    t as a Python float; `progress`, if given, is called once per step."""
+    for t_curr, t_prev in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+        v = velocity(x, t_curr)
+        x = x + (t_prev - t_curr) * v
         if progress is not None:
             progress()
     return x
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Output
-
-
-def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
-    """Write one (3, H, W) image in [−1, 1] as a PNG with `metadata` as text chunks, atomically:
-    a crash or a full disk never leaves a partial file under the final name."""
-    from PIL import Image, PngImagePlugin
-
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
-    vae_lib.atomic_write(Path(path).absolute(),
-                         lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finding and loading the weights
-
-
-# Where each piece may lie inside --weights DIR, in order: a diffusers snapshot's sub-folder first, then the
-# official single files (the Hugging Face repos of FLUX.1 and SD3 hold both layouts).
-_FLUX_FILES = {"flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors"}
-_SD3_FILES = {"sd3-medium": "sd3_medium*.safetensors", "sd3.5-medium": "sd3.5_medium*.safetensors",
-              "sd3.5-large": "sd3.5_large*.safetensors"}
-
-
-def _find(root: Path, what: str, candidates: list[str]) -> Path:
-    for pattern in candidates:
-        matches = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
-        if matches:
-            return matches[0]
-    raise vae_lib.UserError(f"{what} not found in {root} (looked for: {', '.join(candidates)})")
-
-
-def find_weights(model: str, root: str | os.PathLike) -> dict[str, Path]:
-    """The path of every piece `model` needs under `root`: transformer, vae, text encoders, tokenizers."""
-    root = Path(root)
-    if not root.is_dir():
-        raise vae_lib.UserError(f"weights directory not found: {root} (give --weights DIR with the official files or a "
-                           "diffusers snapshot)")
-    if model.startswith("flux"):
-        paths = {
-            "transformer": _find(root, f"{model} transformer", ["transformer/config.json", _FLUX_FILES[model]]),
-            "vae": _find(root, "autoencoder", ["vae/config.json", "ae.safetensors"]),
-            "clip_l": _find(root, "CLIP-L text encoder", ["text_encoder/config.json", "clip_l.safetensors",
-                                                          "text_encoders/clip_l.safetensors"]),
-            "t5": _find(root, "T5-XXL text encoder", ["text_encoder_2/config.json", "t5xxl*.safetensors",
-                                                      "text_encoders/t5xxl*.safetensors"]),
-            "clip_l_tokenizer": _find(root, "CLIP tokenizer", ["tokenizer"]),
-            "t5_tokenizer": _find(root, "T5 tokenizer", ["tokenizer_2"]),
-        }
-        return {k: p.parent if p.name == "config.json" else p for k, p in paths.items()}
-    checkpoint = _find(root, f"{model} transformer", ["transformer/config.json", _SD3_FILES[model]])
-    bundled = [checkpoint.name] if checkpoint.suffix == ".safetensors" else []  # "incl_clips" files hold them all
-    paths = {
-        "transformer": checkpoint,
-        "vae": _find(root, "autoencoder", ["vae/config.json", *bundled]),
-        "clip_l": _find(root, "CLIP-L text encoder", ["text_encoder/config.json", "text_encoders/clip_l.safetensors",
-                                                      "clip_l.safetensors", *bundled]),
-        "clip_g": _find(root, "CLIP-G text encoder", ["text_encoder_2/config.json", "text_encoders/clip_g.safetensors",
-                                                      "clip_g.safetensors", *bundled]),
-        "t5": _find(root, "T5-XXL text encoder", ["text_encoder_3/config.json", "text_encoders/t5xxl*.safetensors",
-                                                  "t5xxl*.safetensors", *bundled]),
-        "clip_l_tokenizer": _find(root, "CLIP-L tokenizer", ["tokenizer"]),
-        "clip_g_tokenizer": _find(root, "CLIP-G tokenizer", ["tokenizer_2", "tokenizer"]),
-        "t5_tokenizer": _find(root, "T5 tokenizer", ["tokenizer_3"]),
-    }
-    return {k: p.parent if p.name == "config.json" else p for k, p in paths.items()}
+# The pipeline: loading the pieces, and one text-to-image call
 
 
 @dataclass
@@ -167,7 +127,7 @@ class Pipeline:
     family: str
     transformer: torch.nn.Module
     ae: vae_lib.AutoEncoder
-    conditioner: object
+    conditioner: te.FluxConditioner | te.SD3Conditioner
     notes: list[str] = field(default_factory=list)
 
 
@@ -179,36 +139,79 @@ def load_pipeline(model: str, weights, *, vae: str | None = None, device="cpu", 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     paths = find_weights(model, weights)
-    stride = {"f8": 1, "f16": 2, None: None}[vae]
-    ae = vae_lib.load_vae(paths["vae"], stride=stride, device=device, dtype=dtype)
+    ae = vae_lib.load_vae(paths["vae"], stride={"f8": 1, "f16": 2, None: None}[vae], device=device, dtype=dtype)
     transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
-    if family != ("flux" if model.startswith("flux") else "sd3"):
+    if not model.startswith(family):
         raise vae_lib.UserError(f"{paths['transformer']} holds a {family} transformer, not {model}")
-    te = text_encoders
 
     def clip(which):  # `which` picks the encoder out of an SD3 checkpoint that bundles them
         return te.load_clip(paths[which], which=which if paths[which] == paths["transformer"] else None,
                             device=device, dtype=dtype)
 
+    clip_l_tokenizer = te.CLIPTokenizer(paths["clip_l_tokenizer"], pad_token="<|endoftext|>")
+    t5 = te.load_t5(paths["t5"], device=device, dtype=dtype)
     if family == "flux":
-        conditioner = te.FluxConditioner(
-            clip("clip_l"),
-            te.load_t5(paths["t5"], device=device, dtype=dtype),
-            te.CLIPTokenizer(paths["clip_l_tokenizer"], pad_token="<|endoftext|>"),
-            te.T5Tokenizer(paths["t5_tokenizer"], max_length=512 if model == "flux-dev" else 256))
+        t5_tokenizer = te.T5Tokenizer(paths["t5_tokenizer"], max_length=512 if model == "flux-dev" else 256)
+        conditioner = te.FluxConditioner(clip("clip_l"), t5, clip_l_tokenizer, t5_tokenizer)
     else:
-        conditioner = te.SD3Conditioner(
-            clip("clip_l"),
-            clip("clip_g"),
-            te.CLIPTokenizer(paths["clip_l_tokenizer"], pad_token="<|endoftext|>"),
-            te.CLIPTokenizer(paths["clip_g_tokenizer"], pad_token=0),
-            te.load_t5(paths["t5"], device=device, dtype=dtype),
-            te.T5Tokenizer(paths["t5_tokenizer"], max_length=256))
+        conditioner = te.SD3Conditioner(clip("clip_l"), clip("clip_g"), clip_l_tokenizer,
+                                        te.CLIPTokenizer(paths["clip_g_tokenizer"], pad_token=0), t5,
+                                        te.T5Tokenizer(paths["t5_tokenizer"], max_length=256))
     return Pipeline(model, family, transformer, ae, conditioner)
 
 
-def _tiny_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+# Where each piece may lie inside --weights DIR, in order: a diffusers snapshot's sub-folder first, then the
+# official single files (the Hugging Face repos of FLUX.1 and SD3 hold both layouts).
+_TRANSFORMER_FILES = {"flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors",
+                      "sd3-medium": "sd3_medium*.safetensors", "sd3.5-medium": "sd3.5_medium*.safetensors",
+                      "sd3.5-large": "sd3.5_large*.safetensors"}
+
+
+def find_weights(model: str, root: str | os.PathLike) -> dict[str, Path]:
+    """The path of every piece `model` needs under `root`: transformer, vae, text encoders, tokenizers
+    (a diffusers sub-folder is returned as the folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise vae_lib.UserError(f"weights directory not found: {root} (give --weights DIR with the official files "
+                                "or a diffusers snapshot)")
+
+    def find(what: str, *candidates: str) -> Path:
+        for pattern in candidates:
+            matches = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
+            if matches:
+                return matches[0].parent if matches[0].name == "config.json" else matches[0]
+        raise vae_lib.UserError(f"{what} not found in {root} (looked for: {', '.join(candidates)})")
+
+    transformer = find(f"{model} transformer", "transformer/config.json", _TRANSFORMER_FILES[model])
+    if model.startswith("flux"):
+        return {
+            "transformer": transformer,
+            "vae": find("autoencoder", "vae/config.json", "ae.safetensors"),
+            "clip_l": find("CLIP-L text encoder", "text_encoder/config.json", "clip_l.safetensors",
+                           "text_encoders/clip_l.safetensors"),
+            "t5": find("T5-XXL text encoder", "text_encoder_2/config.json", "t5xxl*.safetensors",
+                       "text_encoders/t5xxl*.safetensors"),
+            "clip_l_tokenizer": find("CLIP tokenizer", "tokenizer"),
+            "t5_tokenizer": find("T5 tokenizer", "tokenizer_2"),
+        }
+    bundled = [transformer.name] if transformer.suffix == ".safetensors" else []  # "incl_clips" files hold them all
+    return {
+        "transformer": transformer,
+        "vae": find("autoencoder", "vae/config.json", *bundled),
+        "clip_l": find("CLIP-L text encoder", "text_encoder/config.json", "text_encoders/clip_l.safetensors",
+                       "clip_l.safetensors", *bundled),
+        "clip_g": find("CLIP-G text encoder", "text_encoder_2/config.json", "text_encoders/clip_g.safetensors",
+                       "clip_g.safetensors", *bundled),
+        "t5": find("T5-XXL text encoder", "text_encoder_3/config.json", "text_encoders/t5xxl*.safetensors",
+                   "t5xxl*.safetensors", *bundled),
+        "clip_l_tokenizer": find("CLIP-L tokenizer", "tokenizer"),
+        "clip_g_tokenizer": find("CLIP-G tokenizer", "tokenizer_2", "tokenizer"),
+        "t5_tokenizer": find("T5 tokenizer", "tokenizer_3"),
+    }
+
+
+def tiny_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     """A byte-level CLIP vocabulary (every byte, alone and word-final, no merges) and a character-level
     T5 unigram vocabulary, written to `folder`: enough to tokenize any prompt for the tiny model."""
     from tokenizers import Tokenizer, models
@@ -216,8 +219,8 @@ def _tiny_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     byte_chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + \
         [chr(c) for c in range(174, 256)] + [chr(256 + n) for n in range(68)]  # CLIP's printable byte alphabet
     clip_dir, t5_dir = folder / "clip", folder / "t5"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    t5_dir.mkdir(parents=True, exist_ok=True)
+    for d in (clip_dir, t5_dir):
+        d.mkdir(parents=True, exist_ok=True)
     vocab = {tok: i for i, tok in enumerate(byte_chars + [c + "</w>" for c in byte_chars])}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     (clip_dir / "vocab.json").write_text(json.dumps(vocab))
@@ -231,15 +234,12 @@ def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, 
     """A TINY FLUX-LIKE MODEL WITH RANDOM WEIGHTS: the whole pipeline (tokenizers, CLIP and T5 encoders,
     transformer, F16 autoencoder with the partitioned decoder) at toy sizes, for a machine without weights.
     Its images are structured noise, not pictures."""
-    te = text_encoders
     torch.manual_seed(seed)
-    stride = 1 if vae == "f8" else 2
     ae = vae_lib.AutoEncoder(vae_lib.AutoEncoderParams(3, 16, 3, (1, 1, 2, 2), 1, 16, scale_factor=0.3611,
-                                                       shift_factor=0.1159, stride=stride, groups=8))
+                                                       shift_factor=0.1159, stride=1 if vae == "f8" else 2, groups=8))
     transformer = mmdit.Flux(mmdit.FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
                                               num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 12, 12)))
-    folder = Path(tempfile.mkdtemp(prefix="tiny-tokenizers-"))
-    clip_dir, t5_dir = _tiny_tokenizer_files(folder)
+    clip_dir, t5_dir = tiny_tokenizer_files(Path(tempfile.mkdtemp(prefix="tiny-tokenizers-")))
     clip_tok, t5_tok = te.CLIPTokenizer(clip_dir, pad_token="<|endoftext|>"), te.T5Tokenizer(t5_dir, max_length=64)
     clip = te.CLIPText(te.CLIPTextConfig(vocab_size=len(json.loads((clip_dir / "vocab.json").read_text())),
                                          hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -252,119 +252,90 @@ def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, 
                     notes=["tiny model with RANDOM weights: a pipeline check, not a picture"])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Generation
-
-
-def _on(module, device):
-    """Move a component to `device` (no-op when already there); returns it."""
-    return module.to(device) if module is not None else None
+@contextmanager
+def on_device(modules, device, offload: bool):
+    """With offload, `modules` visit `device` for the block and go back to the CPU after it (also on error)."""
+    modules = modules if offload else []
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
 
 
 def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int, guidance: float, seed: int,
              num_images: int = 1, partitions: int | None = None, device="cpu", offload: bool = False,
              progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Sample `num_images` images (N, 3, height, width) in [−1, 1] for one prompt; returns them and timings.
-    With offload the components live on the CPU and visit `device` one at a time."""
+    """Sample `num_images` images (N, 3, height, width) in [−1, 1] for one prompt; returns them and
+    {"seconds_per_step": ...}. With offload the components live on the CPU and visit `device` one at a time:
+    the text encoders, then the transformer, then the autoencoder."""
     f = pipe.ae.factor
     if width % (2 * f) or height % (2 * f) or width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive multiples of {2 * f} (the {f}× autoencoder and 2×2 "
                          f"latent patches), got {width}×{height}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    dtype = next(pipe.transformer.parameters()).dtype
-    stats = {}
+    model, cond = pipe.transformer, pipe.conditioner
+    dtype = next(model.parameters()).dtype
+    with on_device([m for m in vars(cond).values() if isinstance(m, torch.nn.Module)], device, offload):
+        positive = cond([prompt] * num_images, device=device, dtype=dtype)
+        negative = cond.negative(num_images, device=device, dtype=dtype) if pipe.family == "sd3" else None
 
-    # 1. Text: encoders on the device only while they work.
-    cond = pipe.conditioner
-    encoders = [getattr(cond, name) for name in cond._models if getattr(cond, name) is not None]
-    if offload:
-        for m in encoders:
-            _on(m, device)
-    positive = cond([prompt] * num_images, device=device, dtype=dtype)
-    negative = cond.negative(num_images, device=device, dtype=dtype) if pipe.family == "sd3" else None
-    if offload:
-        for m in encoders:
-            _on(m, "cpu")
-
-    # 2. Denoise.
-    model = _on(pipe.transformer, device) if offload else pipe.transformer
     noise = get_noise(num_images, height, width, f, seed).to(device)
     h, w = noise.shape[-2:]
     if pipe.family == "flux":
         x = mmdit.pack(noise)  # (N, h/2·w/2, 64)
-        img_ids = mmdit.flux_img_ids(h, w, num_images, device=device)
-        txt_ids = mmdit.flux_txt_ids(positive["txt"].shape[1], num_images, device=device)
-        sigmas = flux_schedule(steps, x.shape[1], shift=pipe.model != "flux-schnell")
-        g = torch.full((num_images,), guidance, device=device) if model.params.guidance_embed else None
-
-        def velocity(x, sigma):
-            t = torch.full((num_images,), sigma, device=device)
-            return model(img=x.to(dtype), img_ids=img_ids, txt=positive["txt"], txt_ids=txt_ids, timesteps=t,
-                         y=positive["vec"], guidance=g).float()
+        timesteps = flux_schedule(steps, x.shape[1], shift=pipe.model != "flux-schnell")
+        velocity = flux_velocity(model, positive, mmdit.flux_img_ids(h, w, num_images, device=device),
+                                 mmdit.flux_txt_ids(positive["txt"].shape[1], num_images, device=device), guidance)
     else:
         x = noise
         p = model.params.patch_size
         model.cropped_pos_embed(h // p, w // p)  # fails now, with the size limit, rather than mid-way
-        sigmas = sd3_schedule(steps, shift=3.0)
-        context = torch.cat([positive["context"], negative["context"]])
-        pooled = torch.cat([positive["pooled"], negative["pooled"]])
-
-        def velocity(x, sigma):  # classifier-free guidance with the empty prompt, both halves in one batch
-            t = torch.full((2 * num_images,), sigma * 1000, device=device)
-            cond_v, uncond_v = model(torch.cat([x, x]).to(dtype), t, pooled, context).float().chunk(2)
-            return uncond_v + guidance * (cond_v - uncond_v)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
-    _sync(device)
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            x = denoise(velocity, x, sigmas, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    _sync(device)
-    stats["seconds_per_step"] = (time.perf_counter() - start) / steps
-    if offload:
-        _on(model, "cpu")
+        timesteps = sd3_schedule(steps, shift=3.0)
+        velocity = sd3_cfg_velocity(model, positive, negative, guidance)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    with on_device([model], device, offload), torch.inference_mode(), \
+            tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=not progress) as bar:
+        sync()
+        start = time.perf_counter()
+        x = denoise(velocity, x, timesteps, progress=bar.update)
+        sync()
+        stats = {"seconds_per_step": (time.perf_counter() - start) / steps}
     latents = mmdit.unpack(x, h, w) if pipe.family == "flux" else x
 
-    # 3. Decode (the last stage partitioned into an n×n grid for F16).
-    ae = _on(pipe.ae, device) if offload else pipe.ae
-    with torch.inference_mode():
-        images = torch.cat([ae.decode(latents[i:i + 1].to(dtype), partitions=partitions) for i in range(num_images)])
-    if offload:
-        _on(ae, "cpu")
+    # One image at a time: at 4096² the decoder's activations, not its weights, fill the memory.
+    with on_device([pipe.ae], device, offload), torch.inference_mode():
+        images = torch.cat([pipe.ae.decode(latents[i:i + 1].to(dtype), partitions=partitions)
+                            for i in range(num_images)])
     return images.float().clamp(-1, 1), stats
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
+    """Write one (3, H, W) image in [−1, 1] as a PNG with `metadata` as text chunks, atomically:
+    a crash or a full disk never leaves a partial file under the final name."""
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    vae_lib.atomic_write(Path(path).absolute(),
+                         lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def _output_paths(out: str | None, model: str, seed: int, n: int) -> list[str]:
-    base = out or f"out/{model}-{seed}.png"
-    if n == 1:
-        return [base]
-    stem, ext = os.path.splitext(base)
-    return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Text-to-image up to 4096×4096 with Flux or SD3 (Diffusion-4K).")
     p.add_argument("prompt")
-    p.add_argument("--model", default="flux-dev", help=f"one of {', '.join(MODELS)} (tiny: random weights, "
-                   "no download; a pipeline check)")
+    p.add_argument("--model", default="flux-dev", help=f"one of {', '.join(MODELS)} (tiny: random weights)")
     p.add_argument("--weights", help="folder with the official files or a diffusers snapshot (not for tiny)")
     p.add_argument("--width", type=int, help="pixels (default 4096; 512 for tiny)")
     p.add_argument("--height", type=int, help="pixels (default 4096; 512 for tiny)")
@@ -375,18 +346,17 @@ def main(argv=None) -> int:
     p.add_argument("--vae", choices=("f8", "f16"), help="autoencoder: F8 (official) or F16 (Diffusion-4K); "
                    "default: what the weights' VAE config says (stride 2 = F16), else F8; tiny: F16")
     p.add_argument("--partitions", type=int, help="n of the n×n grid of the F16 decoder's last stage (default 2)")
-    p.add_argument("--offload", action="store_true", help="keep components on the CPU, each on the GPU only "
-                   "while it works")
+    p.add_argument("--offload", action="store_true", help="keep components on the CPU, each on the GPU while it works")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="PNG path (default out/MODEL-SEED.png; -i suffixes for several images)")
     a = p.parse_args(argv)
     try:
-        if a.model not in MODELS:
+        if a.model not in MODELS:  # checked before --weights, so a typo is not reported as missing weights
             raise ValueError(f"unknown model {a.model!r}: choose one of {', '.join(MODELS)}")
         if a.model != "tiny" and not a.weights:
-            raise vae_lib.UserError(f"--model {a.model} needs --weights DIR (the official files or a diffusers snapshot); "
-                               "--model tiny runs without weights")
+            raise vae_lib.UserError(f"--model {a.model} needs --weights DIR (the official files or a diffusers "
+                                    "snapshot); --model tiny runs without weights")
         if a.num_images < 1:
             raise ValueError(f"--num-images must be at least 1, got {a.num_images}")
         if a.partitions is not None and a.partitions < 1:
@@ -412,11 +382,14 @@ def main(argv=None) -> int:
         return 2
     metadata = {"prompt": a.prompt, "model": a.model, "seed": a.seed, "steps": steps, "guidance": guidance,
                 "width": width, "height": height, "vae": f"F{pipe.ae.factor}"}
-    for i, path in enumerate(_output_paths(a.out, a.model, a.seed, a.num_images)):
+    paths = [a.out or f"out/{a.model}-{a.seed}.png"]
+    if a.num_images > 1:  # -0, -1, ... before the extension
+        stem, ext = os.path.splitext(paths[0])
+        paths = [f"{stem}-{i}{ext or '.png'}" for i in range(a.num_images)]
+    for i, path in enumerate(paths):
         save_png(images[i], path, {**metadata, "index": i})
         print(path)
-    peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU"
-            if a.device.startswith("cuda") else "n/a on CPU")
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU" if a.device.startswith("cuda") else "n/a on CPU"
     print(f"{stats['seconds_per_step']:.3f} s/step, total {time.perf_counter() - start:.1f} s, peak memory {peak}",
           file=sys.stderr)
     return 0

@@ -1906,11 +1906,13 @@ def test_sample_flux_schedule_matches_diffusers(image_seq_len, steps):
 
 
 def test_sample_flux_mu_at_4096():
-    # 4096² with the F16 autoencoder: 256² latents packed 2×2 -> 16384 tokens; mu ≈ 3.23 (SPEC §7).
+    # 4096² with the F16 autoencoder: 256² latents packed 2×2 -> 16384 tokens, and by hand
+    # mu = 0.5 + (1.15 − 0.5)·(16384 − 256)/(4096 − 256) = 0.5 + 0.65·4.2 = 3.23; 1e-9 allows fp64 round-off only.
     assert sample.flux_mu(16384) == pytest.approx(3.23, abs=1e-9)
 
 
 def test_sample_schnell_schedule_is_unshifted():
+    # The same linspace in fp64: default fp64 tolerances (rtol 1e-7) allow round-off only.
     torch.testing.assert_close(sample.flux_schedule(4, 16384, shift=False), torch.linspace(1, 0, 5, dtype=torch.float64))
 
 
@@ -1937,9 +1939,13 @@ def test_sample_euler_matches_diffusers_step():
 
 
 def test_sample_noise_is_seeded_on_cpu():
+    from diffusers.utils.torch_utils import randn_tensor
+
     a = sample.get_noise(2, 64, 96, 16, seed=7)
-    b = sample.get_noise(2, 64, 96, 16, seed=7)
-    assert a.shape == (2, 16, 4, 6) and torch.equal(a, b)
+    assert a.shape == (2, 16, 4, 6) and a.dtype == torch.float32
+    # diffusers' pipelines draw their latents with a seeded CPU generator the same way: the same draw, so exact.
+    assert torch.equal(a, randn_tensor((2, 16, 4, 6), generator=torch.Generator("cpu").manual_seed(7)))
+    assert torch.equal(a, sample.get_noise(2, 64, 96, 16, seed=7))  # a re-run: exact
     assert not torch.equal(a, sample.get_noise(2, 64, 96, 16, seed=8))
 
 
@@ -1953,8 +1959,8 @@ def _sample_text_encoders(root, *, clip_g: bool, t5_dim: int):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    clip_dir, t5_dir = sample._tiny_tokenizer_files(root / "_tokenizers")
-    vocab = len(__import__("json").loads((clip_dir / "vocab.json").read_text()))
+    clip_dir, t5_dir = sample.tiny_tokenizer_files(root / "_tokenizers")
+    vocab = len(json.loads((clip_dir / "vocab.json").read_text()))
     clip_cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=1, max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
     models = {"clip_l": CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg, projection_dim=64))}
@@ -1969,12 +1975,6 @@ def _sample_text_encoders(root, *, clip_g: bool, t5_dim: int):
 
 def _sample_write_weights(root, family: str, layout: str, parts):
     """A weights directory for a tiny `family` model in the official or diffusers layout."""
-    import shutil
-
-    import mmdit
-    import vae as vae_lib
-    from safetensors.torch import save_file
-
     models, clip_dir, t5_dir, transformer, ae = parts
     root.mkdir(parents=True, exist_ok=True)
     folders = {"flux": {"clip_l": "text_encoder", "t5": "text_encoder_2"},
@@ -1986,14 +1986,14 @@ def _sample_write_weights(root, family: str, layout: str, parts):
     if layout == "diffusers":
         (root / "model_index.json").write_text("{}")
         mmdit.save_transformer(transformer, str(root / "transformer"), layout="diffusers")
-        vae_lib.save_vae(ae, root / "vae")
+        vae.save_vae(ae, root / "vae")
         for key, folder in folders.items():
             models[key].save_pretrained(root / folder)
         return root
     files = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl_fp16.safetensors"}
     if family == "flux":
         mmdit.save_transformer(transformer, str(root / "flux1-dev.safetensors"))
-        vae_lib.save_vae(ae, root / "ae.safetensors")
+        vae.save_vae(ae, root / "ae.safetensors")
     else:  # one checkpoint with the transformer and the autoencoder, the text encoders in text_encoders/
         sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
         sd.update({f"first_stage_model.{k}": v.contiguous() for k, v in ae.state_dict().items()})
@@ -2006,21 +2006,15 @@ def _sample_write_weights(root, family: str, layout: str, parts):
 
 
 def _sample_tiny_ae(stride, config):
-    import dataclasses
-
-    import vae as vae_lib
-
     torch.manual_seed(1)
     # 32 channels, 32 groups: official single files carry no group count, and the loader assumes 32.
-    params = dataclasses.replace(vae_lib.VAE_CONFIGS[config], ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
+    params = replace(vae.VAE_CONFIGS[config], ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
                                  stride=stride)
-    return vae_lib.AutoEncoder(params)
+    return vae.AutoEncoder(params)
 
 
 @pytest.fixture(scope="module")
 def _sample_flux_dirs(tmp_path_factory):
-    import mmdit
-
     root = tmp_path_factory.mktemp("flux")
     models, clip_dir, t5_dir = _sample_text_encoders(root, clip_g=False, t5_dim=64)
     torch.manual_seed(2)
@@ -2032,8 +2026,6 @@ def _sample_flux_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def _sample_sd3_dirs(tmp_path_factory):
-    import mmdit
-
     root = tmp_path_factory.mktemp("sd3")
     models, clip_dir, t5_dir = _sample_text_encoders(root, clip_g=True, t5_dim=256)
     torch.manual_seed(3)
@@ -2049,9 +2041,16 @@ def _sample_run(args, tmp_path, name="img.png"):
     return code, out
 
 
-def test_sample_flux_both_layouts_same_png(_sample_flux_dirs, tmp_path):
-    from PIL import Image
+def _sample_assert_same_pixels_up_to_rounding(a, b):
+    """The same weights in two layouts reach the GEMMs with different memory layouts, so fp32 sums may round
+    differently (relative 1e-6 or so). Quantized to 8 bits, that moves a value only where it lies within that
+    round-off of a rounding boundary: by one level, at a handful of values. So: at most one level, at most 1% of
+    the values. A wrong key mapping or a transposed weight moves most values by many levels."""
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
 
+
+def test_sample_flux_both_layouts_same_png(_sample_flux_dirs, tmp_path):
     common = ["a red fox", "--model", "flux-dev", "--width", "96", "--height", "64", "--steps", "3", "--vae", "f16",
               "--seed", "5"]
     code, official = _sample_run([*common, "--weights", str(_sample_flux_dirs["official"])], tmp_path, "a.png")
@@ -2063,25 +2062,26 @@ def test_sample_flux_both_layouts_same_png(_sample_flux_dirs, tmp_path):
     assert a.size == (96, 64) and a.mode == "RGB"
     assert a.text["prompt"] == "a red fox" and a.text["seed"] == "5" and a.text["model"] == "flux-dev"
     assert a.text["steps"] == "3" and a.text["guidance"] == "3.5" and a.text["vae"] == "F16"
-    # Same weights in two layouts, same seed: the same pixels (exact: identical fp32 computation).
-    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    assert np.array_equal(np.asarray(a), np.asarray(c))  # a re-run of the same computation: exact
+    _sample_assert_same_pixels_up_to_rounding(a, b)  # same weights and seed, other layout
     assert np.asarray(a).std() > 0  # not a blank image
     code, other = _sample_run([*common[:-1], "6", "--weights", str(_sample_flux_dirs["official"])], tmp_path, "d.png")
     assert not np.array_equal(np.asarray(a), np.asarray(Image.open(other)))
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+    # The atomic writer's temp files (hidden, beside the target) are gone: the folder holds the four PNGs only.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
 
 
 def test_sample_sd3_cfg_path(_sample_sd3_dirs, tmp_path):
     """SD3 end to end in both layouts, and the CFG arithmetic against a manual loop stepped by diffusers' scheduler."""
-    from PIL import Image
-
     common = ["a blue car", "--model", "sd3-medium", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
     pngs = []
     for layout in ("official", "diffusers"):
         code, out = _sample_run([*common, "--weights", str(_sample_sd3_dirs[layout])], tmp_path, f"{layout}.png")
         assert code == 0
         pngs.append(np.asarray(Image.open(out)))
-    assert pngs[0].shape == (64, 64, 3) and np.array_equal(pngs[0], pngs[1])
+    assert pngs[0].shape == (64, 64, 3) and pngs[0].std() > 0
+    _sample_assert_same_pixels_up_to_rounding(*pngs)  # one bundled checkpoint vs diffusers folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusers.png", "official.png"]  # no temp files left
 
     pipe = sample.load_pipeline("sd3-medium", _sample_sd3_dirs["official"], device="cpu", dtype=torch.float32)
     images, _ = sample.generate(pipe, "a blue car", width=64, height=64, steps=2, guidance=7.0, seed=1, progress=False)
@@ -2102,8 +2102,6 @@ def test_sample_sd3_cfg_path(_sample_sd3_dirs, tmp_path):
 
 
 def test_sample_tiny_runs_without_weights(tmp_path):
-    from PIL import Image
-
     code, out = _sample_run(["x", "--model", "tiny", "--width", "64", "--height", "96", "--steps", "1"], tmp_path)
     assert code == 0 and Image.open(out).size == (64, 96)
 
@@ -2123,8 +2121,6 @@ def test_sample_errors_are_one_line(args, message, tmp_path, capsys):
 
 
 def test_sample_missing_piece_is_named(_sample_flux_dirs, tmp_path, capsys):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(_sample_flux_dirs["official"], broken)
     (broken / "ae.safetensors").unlink()
