@@ -82,14 +82,16 @@ def test_wavelet_matches_pytorch_wavelets(shape, levels):
     x = torch.randn(shape, dtype=torch.float32)
     ll, highs = wavelet.dwt(x, levels)
     ref_ll, ref_highs = DWTForward(J=levels, wave="haar", mode="zero")(x)
-    # Same filters in fp32, different summation order (conv vs slices): a few ulps; the issue asks ≤1e-6.
+    # Same filters in fp32, different summation order (conv vs slices): a few ulps of values of order 1 (the
+    # transform is orthonormal, so N(0, 1) inputs give N(0, 1) coefficients), well below 1e-6.
     assert ll.shape == ref_ll.shape
     torch.testing.assert_close(ll, ref_ll, rtol=0, atol=1e-6)
     assert len(highs) == len(ref_highs)
     for ours, ref in zip(highs, ref_highs):
         assert ours.shape == ref.shape
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-    # And the peer's inverse reads our coefficients (cropped to even sizes, as the peer returns).
+    # And the peer's inverse reads our coefficients (cropped to even sizes, as the peer returns): the fp32
+    # round-off of a forward and an inverse pass through up to 3 levels, on values of order 1, stays below 1e-5.
     rec = DWTInverse(wave="haar", mode="zero")((ll, highs))
     torch.testing.assert_close(rec[..., : shape[2], : shape[3]], x, rtol=0, atol=1e-5)
 
@@ -134,7 +136,7 @@ def test_wavelet_equal_weights_one_level_equals_mse():
     torch.testing.assert_close(wlf, mse, rtol=1e-12, atol=0)  # identical up to fp64 round-off
     (g_wlf,) = torch.autograd.grad(wlf, pred)
     (g_mse,) = torch.autograd.grad(mse, pred)
-    torch.testing.assert_close(g_wlf, g_mse, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_wlf, g_mse, rtol=1e-12, atol=1e-15)  # fp64 round-off; atol for gradients near 0
     # The same identity holds at any depth for even sizes (every level is orthonormal).
     torch.testing.assert_close(wavelet.wlf_loss(pred, target, levels=3), mse, rtol=1e-12, atol=0)
     # ... and equals the authors' form: the four bands concatenated, then one mean.
@@ -153,7 +155,7 @@ def test_wavelet_unequal_weights_change_loss_and_gradient():
     weights = (1.0, 2.0, 2.0, 4.0)  # emphasise high frequencies
     loss = wavelet.wlf_loss(pred, target, weights)
     mse = F.mse_loss(pred, target)
-    assert abs(loss.item() - mse.item()) > 1e-3 * mse.item()
+    assert rel(loss.detach(), mse.detach()) > 1e-3  # far beyond round-off: the weights do change the loss
     # Independent computation of the weighted loss from the per-band definition.
     ll, (high,) = wavelet.dwt(pred.detach() - target, 1)
     expected = (ll.square().sum() + sum(w * high[:, :, i].square().sum() for i, w in enumerate(weights[1:])))
@@ -165,6 +167,8 @@ def test_wavelet_unequal_weights_change_loss_and_gradient():
     # transform of the weighted bands, 2/N · IDWT(w ⊙ DWT(pred − target)).
     weighted = high * torch.tensor(weights[1:], dtype=high.dtype).view(1, 1, 3, 1, 1)
     expected_g = wavelet.idwt(ll * weights[0], [weighted]) * 2 / pred.numel()
+    # Autograd through the transform vs the inverse transform in closed form, fp64: round-off of a few
+    # operations per value (1e-10 relative); atol for gradient entries near 0.
     torch.testing.assert_close(g, expected_g, rtol=1e-10, atol=1e-14)
 
 

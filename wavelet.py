@@ -10,7 +10,9 @@ coefficients (filters ±1/√2 along each axis, so ±1/2 in 2-D):
 
 These are the conventions of `pywt.dwt2(x, "haar")` -> (cA, (cH, cV, cD)) and of pytorch-wavelets
 `DWTForward(J, wave="haar", mode="zero")`. The transform is orthonormal: it preserves the sum of
-squares (Parseval), which is why WLF with one level and equal band weights equals plain MSE.
+squares (Parseval), which is why WLF with equal band weights equals plain MSE (for even sizes). That is
+the authors' released setting (one level, the four bands concatenated, one mean); `wlf_loss` adds what
+Eq. 10 allows beyond it: a weight per band, and more levels.
 
 Odd sizes: a row / column of zeros is appended at the bottom / right before the transform, as both
 peers do in mode "zero"; the bands then have ⌈H/2⌉ × ⌈W/2⌉ coefficients. `idwt` crops the padding
