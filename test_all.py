@@ -1492,12 +1492,13 @@ def _text_encoders_check_clip(ours, ref, ids, projected: bool):
     out = ours(ids, output_hidden_states=True)
     with torch.no_grad():
         r = ref(ids, output_hidden_states=True)
-    # fp32 on both sides, same operations up to summation order: 1e-5 of the tensor's scale
+    # Two implementations in fp32 (ours: SDPA with is_causal; transformers: an explicit causal mask), whose kernels
+    # may sum in another order on other hardware or versions: 1e-5 of the tensor's scale, ~100 fp32 roundings.
+    # On the CPU the two happen to agree bit for bit (measured 0), which the tolerance does not rely on.
     assert rel(out["last_hidden_state"], r.last_hidden_state) <= 1e-5
     assert len(out["hidden_states"]) == len(r.hidden_states)
-    for a, b in zip(out["hidden_states"], r.hidden_states):
+    for a, b in zip(out["hidden_states"], r.hidden_states):  # [-2]: SD3's penultimate state
         assert rel(a, b) <= 1e-5
-    assert rel(out["hidden_states"][-2], r.hidden_states[-2]) <= 1e-5  # SD3's penultimate
     if projected:
         assert rel(out["text_embeds"], r.text_embeds) <= 1e-5
         pooled = ref.text_model(ids).pooler_output
@@ -1551,7 +1552,9 @@ def test_text_encoders_t5_matches_transformers(tmp_path):
     ids = _text_encoders_ids(300, 300, eos=1, pad=0)
     with torch.no_grad():
         expected = ref(ids).last_hidden_state
-    assert rel(ours(ids), expected) <= 1e-5  # fp32 both sides
+    # fp32 both sides, computed in another order (our fp32 residual stream, the bias inside SDPA): 1e-5 of the scale
+    # (measured 2e-7)
+    assert rel(ours(ids), expected) <= 1e-5
 
 
 def test_text_encoders_t5_half_precision_does_not_overflow(tmp_path):
@@ -1632,7 +1635,7 @@ def test_text_encoders_single_files_and_sd3_bundle(tmp_path):
     t5_ours = te.load_t5(tmp_path / "sd3.safetensors")
     assert (t5_ours.config.num_heads, t5_ours.config.d_kv) == (2, 24)
     t5_ids = _text_encoders_ids(300, 40, eos=1, pad=0)
-    with torch.no_grad():
+    with torch.no_grad():  # fp32 both sides, as in test_text_encoders_t5_matches_transformers
         assert rel(t5_ours(t5_ids), t5(t5_ids).last_hidden_state) <= 1e-5
     with pytest.raises(ValueError, match="which="):
         te.load_clip(tmp_path / "sd3.safetensors")  # two CLIPs in the file: ambiguous
@@ -1688,7 +1691,7 @@ def test_text_encoders_clip_tokenizer_matches_transformers(tmp_path):
                 got = ours(_TEXT_ENCODERS_PROMPTS)
                 ours(_TEXT_ENCODERS_PROMPTS)
             assert got.shape == (len(_TEXT_ENCODERS_PROMPTS), 77) and got.dtype == torch.long
-            assert torch.equal(got, want), source
+            assert torch.equal(got, want), source  # token ids: one wrong id is a wrong token, so exact
             assert len([w for w in caught if "truncated" in str(w.message)]) == 1  # once per tokenizer
     # the pad token written by transformers next to tokenizer.json is used when none is given
     assert te.CLIPTokenizer(tmp_path / f"hf_{vocab['!']}").pad_id == 0
@@ -1711,7 +1714,7 @@ def test_text_encoders_t5_tokenizer_matches_transformers(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = ours(_TEXT_ENCODERS_PROMPTS)
-        assert torch.equal(got, expected), source
+        assert torch.equal(got, expected), source  # token ids: exact
         assert len([w for w in caught if "truncated" in str(w.message)]) == 1
     assert te.T5Tokenizer(folder, max_length=8)([""]).tolist() == [[1, 0, 0, 0, 0, 0, 0, 0]]
     with pytest.warns(UserWarning, match="truncated"):
@@ -1719,7 +1722,7 @@ def test_text_encoders_t5_tokenizer_matches_transformers(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Conditioners and the cache
+# Conditioners
 
 
 def _text_encoders_pipeline_parts(tmp_path):
@@ -1757,7 +1760,11 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
     root, parts = _text_encoders_pipeline_parts(tmp_path)
     prompts = ["a photo of a cat", _TEXT_ENCODERS_PROMPTS[4]]
     cpu = torch.device("cpu")
-    sd3 = te.SD3Conditioner.from_folder(root, t5_length=40)
+    sd3 = te.SD3Conditioner(te.load_clip(root / "text_encoder"), te.load_clip(root / "text_encoder_2"),
+                            te.CLIPTokenizer(root / "tokenizer", pad_token="<|endoftext|>"),
+                            te.CLIPTokenizer(root / "tokenizer_2", pad_token=0), te.load_t5(root / "text_encoder_3"),
+                            te.T5Tokenizer(root / "tokenizer_3", max_length=40))
+    assert sd3.encoders == [sd3.clip_l, sd3.clip_g, sd3.t5]
     pipe = diffusers.StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
     with torch.no_grad():
         ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=cpu, negative_prompt="",
@@ -1767,7 +1774,7 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
     # same fp32 models through two implementations: 1e-5 of the scale
     for a, b in ((out["context"], ctx), (out["pooled"], pooled), (neg["context"], neg_ctx), (neg["pooled"], neg_pooled)):
         assert rel(a, b) <= 1e-5
-    assert (out["context"][:, :77, 32 + 48:] == 0).all()  # the zero padding of the CLIP features
+    assert (out["context"][:, :77, 32 + 48:] == 0).all()  # the zero padding of the CLIP features: exactly zero
 
     no_t5 = te.SD3Conditioner(sd3.clip_l, sd3.clip_g, sd3.clip_l_tokenizer, sd3.clip_g_tokenizer, t5_length=40,
                               context_dim=96)(prompts)
@@ -1778,8 +1785,8 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
         rg = parts["text_encoder_2"](g_ids, output_hidden_states=True)
     manual = F.pad(torch.cat([rl.hidden_states[-2], rg.hidden_states[-2]], -1), (0, 96 - 80))
     manual = torch.cat([manual, torch.zeros(2, 40, 96)], 1)
-    assert rel(no_t5["context"], manual) <= 1e-5
-    assert (no_t5["context"][:, 77:] == 0).all()
+    assert rel(no_t5["context"], manual) <= 1e-5  # as above: the same fp32 CLIPs, two implementations
+    assert (no_t5["context"][:, 77:] == 0).all()  # no T5: zeros, exactly
     assert rel(no_t5["pooled"], torch.cat([rl.text_embeds, rg.text_embeds], -1)) <= 1e-5
 
     flux = te.FluxConditioner(te.load_clip(root / "text_encoder"), te.load_t5(root / "text_encoder_3"),
@@ -1793,33 +1800,7 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
         txt, vec, _ = fpipe.encode_prompt(prompts, None, device=cpu, max_sequence_length=40)
     got = flux(prompts, dtype=torch.float64)
     assert got["txt"].dtype == torch.float64 and got["txt"].shape == (2, 40, 96) and got["vec"].shape == (2, 32)
-    assert rel(got["txt"], txt) <= 1e-5 and rel(got["vec"], vec) <= 1e-5
-    flux.free()
-    with pytest.raises(RuntimeError, match="freed"):
-        flux(prompts)
-
-
-def test_text_encoders_embedding_cache(tmp_path):
-    root, _ = _text_encoders_pipeline_parts(tmp_path)
-    sd3 = te.SD3Conditioner.from_folder(root, t5=False, t5_length=16, context_dim=96)
-    key = sd3.cache_key("a cat")
-    assert key != sd3.cache_key("a dog")
-    other = te.SD3Conditioner.from_folder(root, t5=False, t5_length=32, context_dim=96)  # another setting
-    assert key != other.cache_key("a cat")
-    bf16 = te.SD3Conditioner.from_folder(root, t5=False, t5_length=16, context_dim=96, dtype=torch.bfloat16)
-    assert key != bf16.cache_key("a cat")  # encoders in another dtype give other numbers
-    emb = sd3("a cat")
-    te.save_embeddings(tmp_path / "cache" / "0.safetensors", emb, key)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["0.safetensors"]  # no temp file left behind
-    back = te.load_embeddings(tmp_path / "cache" / "0.safetensors", key)
-    assert all(torch.equal(back[k], emb[k]) for k in emb)
-    with pytest.raises(ValueError, match="another prompt or model"):
-        te.load_embeddings(tmp_path / "cache" / "0.safetensors", sd3.cache_key("a dog"))
-    sd3.free()
-    assert sd3.cache_key("a cat") == key  # still the same key once the encoders are gone
-    with pytest.raises(ValueError, match="model_id"):
-        te.SD3Conditioner(te.CLIPText(other.clip_l.config), other.clip_g, other.clip_l_tokenizer,
-                          other.clip_g_tokenizer, context_dim=96).cache_key("x")  # a model built in code needs a name
+    assert rel(got["txt"], txt) <= 1e-5 and rel(got["vec"], vec) <= 1e-5  # fp32 models, two implementations
 
 
 # ====================================================================================================
