@@ -18,11 +18,10 @@ Module names are the Hugging Face checkpoint keys (`text_model.encoder.layers.0.
 `encoder.block.0.layer.1.DenseReluDense.wi_0.weight`, ...), so transformers folders, ComfyUI-style single files and
 the `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` part of SD3 files load without a mapping.
 
-Where this differs from the authors' release (diffusers pipelines over transformers' encoders), and why:
-- Pooling: CLIP pools the final-LayerNorm output at the EOS token. OpenAI's rule is "the highest id" (EOS 49407 is
-  the largest id of the vocabulary); transformers keeps that rule when the config says eos_token_id == 2 (configs
-  written before transformers PR #24773, e.g. openai/clip-vit-large-patch14) and otherwise takes the first position
-  holding eos_token_id. `CLIPTextConfig.eos_token_id = None` means the argmax rule; both agree on CLIP's vocabulary.
+Choices, and where they differ from the authors' release (diffusers pipelines over transformers' encoders):
+- Pooling at the EOS token: OpenAI takes "the highest id" (EOS 49407 is the largest), as transformers does for
+  configs with eos_token_id == 2 (written before transformers PR #24773, e.g. openai/clip-vit-large-patch14); else the
+  first position holding eos_token_id. `CLIPTextConfig.eos_token_id = None` is the argmax rule (same as transformers).
 - SD3's CLIP-G pads with "!" (id 0). transformers, given pad_token="!", also reads every "!" of the prompt as the
   pad token; OpenAI's tokenizer and the SD3 reference keep it text, and so does CLIPTokenizer here.
 - T5 in half precision: T5-XXL's activations exceed fp16's range (65504) in the feed-forward layers. Here the
@@ -286,8 +285,7 @@ def _read_json(path: Path) -> dict:
 
 
 class _Tokenizer:
-    """Shared by both tokenizers: fixed-length rows [bos] + tokens + [eos] + padding; truncation (keeping EOS)
-    reported once."""
+    """Fixed-length rows [bos] + tokens + [eos] + padding; a truncation (keeping EOS) is reported once."""
 
     max_length: int
     name: str
@@ -564,7 +562,7 @@ def _root(keys: set[str], anchor: str, prefix: str | None, where: str, kind: str
         if not roots:
             raise ValueError(f"{where}: no {kind} weights in this file (no key ending in {anchor!r})")
         if len(roots) > 1:
-            raise ValueError(f"{where}: holds several {kind} models (prefixes {sorted(roots)}); choose one with {choose}")
+            raise ValueError(f"{where}: holds several {kind} models ({sorted(roots)}); choose one with {choose}")
         prefix = roots.pop()
     if not any(k.startswith(prefix) for k in keys):
         raise ValueError(f"{where}: no keys under the prefix {prefix!r}")
@@ -667,9 +665,9 @@ def _t5_config_from_shapes(w: _Weights, root: str, embed: str, stored: set[str],
     wi_0 = root + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
     if absent := [k for k in (embed, bias, wi_0) if k not in stored]:
         raise ValueError(f"{where}: not a T5 v1.1 encoder checkpoint (no {', '.join(absent)})")
-    buckets, heads = w.shape(bias)
+    (buckets, heads), (vocab, width) = w.shape(bias), w.shape(embed)
     layers = [int(m[1]) for k in stored if (m := re.match(re.escape(root) + r"encoder\.block\.(\d+)\.", k))]
-    return T5Config(vocab_size=w.shape(embed)[0], d_model=w.shape(embed)[1], d_kv=w.shape(root + _T5_ANCHOR)[0] // heads,
+    return T5Config(vocab_size=vocab, d_model=width, d_kv=w.shape(root + _T5_ANCHOR)[0] // heads,
                     d_ff=w.shape(wi_0)[0], num_layers=1 + max(layers), num_heads=heads,
                     relative_attention_num_buckets=buckets)
 
@@ -696,10 +694,6 @@ def load_t5(path, *, prefix: str | None = None, device="cpu", dtype: torch.dtype
         config = (_t5_config_from_json(cfg, where) if cfg is not None
                   else _t5_config_from_shapes(w, root, embed, stored, where))
         model_dtype = dtype or w.compute_dtype(embed)
-
-        def dtype_of(k: str) -> torch.dtype:
-            fp32 = model_dtype == torch.float16 and k.endswith("DenseReluDense.wo.weight")
-            return torch.float32 if fp32 else model_dtype
-
+        fp32_wo = model_dtype == torch.float16  # `wo` stays fp32 in fp16 (module docstring)
         return _materialize(T5Encoder, config, w, lambda k: embed if k == "shared.weight" else root + k, stored, where,
-                            device, dtype_of)
+                            device, lambda k: torch.float32 if fp32_wo and k.endswith(".wo.weight") else model_dtype)
