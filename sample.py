@@ -245,7 +245,7 @@ def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, 
                                          hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2))
     t5 = te.T5Encoder(te.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
-    conditioner = te.FluxConditioner(clip, t5, clip_tok, t5_tok, model_id="tiny-random")
+    conditioner = te.FluxConditioner(clip, t5, clip_tok, t5_tok)
     for module in (ae, transformer, clip, t5):
         module.to(device=device, dtype=dtype).eval()
     return Pipeline("tiny", "flux", transformer, ae, conditioner,

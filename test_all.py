@@ -4,8 +4,6 @@ Run: python -m pytest -q test_all.py
 """
 from dataclasses import replace
 from pathlib import Path
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -14,10 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
-import types
-import unicodedata
 import warnings
-import zipfile
 
 from PIL import Image
 from safetensors import safe_open
@@ -1364,11 +1359,6 @@ _TEXT_ENCODERS_PROMPTS = [
 ]
 
 
-def _text_encoders_rel(a, b) -> float:
-    """max |a − b| / max |b|: relative to the tensor's scale, so an error is judged against its values."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
-
-
 def _text_encoders_corpus(n=1500, seed=0) -> list[str]:
     rng = random.Random(seed)
     words = ("a photo of the cat dog astronaut riding horse on moon café naïve 東京 city night painting style highly "
@@ -1506,18 +1496,19 @@ def _text_encoders_check_clip(ours, ref, ids, projected: bool):
     out = ours(ids, output_hidden_states=True)
     with torch.no_grad():
         r = ref(ids, output_hidden_states=True)
-    # fp32 on both sides, same operations up to summation order: 1e-5 of the tensor's scale
-    assert _text_encoders_rel(out["last_hidden_state"], r.last_hidden_state) <= 1e-5
+    # Two implementations in fp32 (ours: SDPA with is_causal; transformers: an explicit causal mask), whose kernels
+    # may sum in another order on other hardware or versions: 1e-5 of the tensor's scale, ~100 fp32 roundings.
+    # On the CPU the two happen to agree bit for bit (measured 0), which the tolerance does not rely on.
+    assert rel(out["last_hidden_state"], r.last_hidden_state) <= 1e-5
     assert len(out["hidden_states"]) == len(r.hidden_states)
-    for a, b in zip(out["hidden_states"], r.hidden_states):
-        assert _text_encoders_rel(a, b) <= 1e-5
-    assert _text_encoders_rel(out["hidden_states"][-2], r.hidden_states[-2]) <= 1e-5  # SD3's penultimate
+    for a, b in zip(out["hidden_states"], r.hidden_states):  # [-2]: SD3's penultimate state
+        assert rel(a, b) <= 1e-5
     if projected:
-        assert _text_encoders_rel(out["text_embeds"], r.text_embeds) <= 1e-5
+        assert rel(out["text_embeds"], r.text_embeds) <= 1e-5
         pooled = ref.text_model(ids).pooler_output
     else:
         pooled = r.pooler_output
-    assert _text_encoders_rel(out["pooled"], pooled) <= 1e-5
+    assert rel(out["pooled"], pooled) <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1565,7 +1556,9 @@ def test_text_encoders_t5_matches_transformers(tmp_path):
     ids = _text_encoders_ids(300, 300, eos=1, pad=0)
     with torch.no_grad():
         expected = ref(ids).last_hidden_state
-    assert _text_encoders_rel(ours(ids), expected) <= 1e-5  # fp32 both sides
+    # fp32 both sides, computed in another order (our fp32 residual stream, the bias inside SDPA): 1e-5 of the scale
+    # (measured 2e-7)
+    assert rel(ours(ids), expected) <= 1e-5
 
 
 def test_text_encoders_t5_half_precision_does_not_overflow(tmp_path):
@@ -1600,11 +1593,11 @@ def test_text_encoders_t5_half_precision_does_not_overflow(tmp_path):
     assert captured["a"].dtype == torch.float16 and torch.isinf(naive).any()  # the test does reach the overflow
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     # fp16 keeps 11 significant bits (≈ 5e-4 per rounding) over 2 blocks of a few roundings each: 1e-2 of the scale
-    assert _text_encoders_rel(out, expected) <= 1e-2
+    assert rel(out, expected) <= 1e-2
 
     bf16 = te.load_t5(tmp_path / "t5", dtype=torch.bfloat16)(ids)
     # bf16 keeps 8 significant bits (≈ 4e-3 per rounding): 5e-2 of the scale
-    assert torch.isfinite(bf16).all() and _text_encoders_rel(bf16, expected) <= 5e-2
+    assert torch.isfinite(bf16).all() and rel(bf16, expected) <= 5e-2
 
 
 def test_text_encoders_single_files_and_sd3_bundle(tmp_path):
@@ -1646,8 +1639,8 @@ def test_text_encoders_single_files_and_sd3_bundle(tmp_path):
     t5_ours = te.load_t5(tmp_path / "sd3.safetensors")
     assert (t5_ours.config.num_heads, t5_ours.config.d_kv) == (2, 24)
     t5_ids = _text_encoders_ids(300, 40, eos=1, pad=0)
-    with torch.no_grad():
-        assert _text_encoders_rel(t5_ours(t5_ids), t5(t5_ids).last_hidden_state) <= 1e-5
+    with torch.no_grad():  # fp32 both sides, as in test_text_encoders_t5_matches_transformers
+        assert rel(t5_ours(t5_ids), t5(t5_ids).last_hidden_state) <= 1e-5
     with pytest.raises(ValueError, match="which="):
         te.load_clip(tmp_path / "sd3.safetensors")  # two CLIPs in the file: ambiguous
 
@@ -1702,7 +1695,7 @@ def test_text_encoders_clip_tokenizer_matches_transformers(tmp_path):
                 got = ours(_TEXT_ENCODERS_PROMPTS)
                 ours(_TEXT_ENCODERS_PROMPTS)
             assert got.shape == (len(_TEXT_ENCODERS_PROMPTS), 77) and got.dtype == torch.long
-            assert torch.equal(got, want), source
+            assert torch.equal(got, want), source  # token ids: one wrong id is a wrong token, so exact
             assert len([w for w in caught if "truncated" in str(w.message)]) == 1  # once per tokenizer
     # the pad token written by transformers next to tokenizer.json is used when none is given
     assert te.CLIPTokenizer(tmp_path / f"hf_{vocab['!']}").pad_id == 0
@@ -1725,62 +1718,15 @@ def test_text_encoders_t5_tokenizer_matches_transformers(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = ours(_TEXT_ENCODERS_PROMPTS)
-        assert torch.equal(got, expected), source
+        assert torch.equal(got, expected), source  # token ids: exact
         assert len([w for w in caught if "truncated" in str(w.message)]) == 1
     assert te.T5Tokenizer(folder, max_length=8)([""]).tolist() == [[1, 0, 0, 0, 0, 0, 0, 0]]
     with pytest.warns(UserWarning, match="truncated"):
         assert te.T5Tokenizer(folder, max_length=8)(["astronaut " * 20])[0, -1] == 1  # EOS survives truncation
 
 
-@pytest.mark.filterwarnings("ignore:.*prompt truncated")
-def test_text_encoders_real_clip_vocabulary(tmp_path, monkeypatch):
-    """OpenAI's 49408-token vocabulary from the open-clip-torch wheel (downloaded, never installed; skipped
-    offline): ours against transformers' CLIPTokenizer, and against OpenAI's SimpleTokenizer from the same wheel
-    with ftfy replaced by NFC normalization (ftfy's fix_text also folds full-width letters and curly quotes,
-    which transformers' CLIPTokenizer does not; those prompts are left out of that comparison)."""
-    try:
-        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                              "--timeout", "10", "--retries", "0", "-q", "-d", str(tmp_path), "open-clip-torch"],
-                             capture_output=True, timeout=30)
-    except (subprocess.TimeoutExpired, OSError):
-        pytest.skip("could not download open-clip-torch (offline)")
-    wheels = list(tmp_path.glob("open_clip_torch-*.whl"))
-    if run.returncode != 0 or not wheels:
-        pytest.skip("could not download open-clip-torch (offline)")
-    openai_dir = tmp_path / "openai"
-    openai_dir.mkdir()
-    with zipfile.ZipFile(wheels[0]) as z:
-        bpe = z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")
-        (openai_dir / "tokenizer.py").write_bytes(z.read("open_clip/tokenizer.py"))
-    (openai_dir / "bpe_simple_vocab_16e6.txt.gz").write_bytes(bpe)
-    lines = gzip.decompress(bpe).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]  # OpenAI's slice of the file
-    folder = tmp_path / "clip_real"
-    _text_encoders_write_clip_vocab(folder, merges)
-    ours = te.CLIPTokenizer(folder)
-    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (49406, 49407, 49407)
-    assert ours("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
-    prompts = _TEXT_ENCODERS_PROMPTS + ["An astronaut riding a horse on the moon, 8k, highly detailed, trending"]
-    hf = _text_encoders_hf_clip_tokenizer(folder)
-    expected = torch.tensor(hf(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
-    assert torch.equal(ours(prompts), expected)
-
-    monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda t: unicodedata.normalize("NFC", t)))
-    spec = importlib.util.spec_from_file_location("_text_encoders_openai_tokenizer", openai_dir / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as e:
-        pytest.skip(f"OpenAI's tokenizer module needs {e.name}")
-    # open_clip spells the special tokens <start_of_text> / <end_of_text> (OpenAI's original and transformers:
-    # <|startoftext|> / <|endoftext|>), so a literal "<|endoftext|>" in the text is left out here too
-    prompts = [p for p in prompts if "ｆ" not in p and "<|" not in p]
-    # OpenAI's tokenizer pads with 0, as SD3's CLIP-G does
-    assert torch.equal(te.CLIPTokenizer(folder, pad_token=0)(prompts), module.SimpleTokenizer()(prompts))
-
-
 # ----------------------------------------------------------------------------------------------
-# Conditioners and the cache
+# Conditioners
 
 
 def _text_encoders_pipeline_parts(tmp_path):
@@ -1818,7 +1764,11 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
     root, parts = _text_encoders_pipeline_parts(tmp_path)
     prompts = ["a photo of a cat", _TEXT_ENCODERS_PROMPTS[4]]
     cpu = torch.device("cpu")
-    sd3 = te.SD3Conditioner.from_folder(root, t5_length=40)
+    sd3 = te.SD3Conditioner(te.load_clip(root / "text_encoder"), te.load_clip(root / "text_encoder_2"),
+                            te.CLIPTokenizer(root / "tokenizer", pad_token="<|endoftext|>"),
+                            te.CLIPTokenizer(root / "tokenizer_2", pad_token=0), te.load_t5(root / "text_encoder_3"),
+                            te.T5Tokenizer(root / "tokenizer_3", max_length=40))
+    assert sd3.encoders == [sd3.clip_l, sd3.clip_g, sd3.t5]
     pipe = diffusers.StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
     with torch.no_grad():
         ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=cpu, negative_prompt="",
@@ -1827,8 +1777,8 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
     assert out["context"].shape == (2, 77 + 40, 96) and out["pooled"].shape == (2, 32 + 40)
     # same fp32 models through two implementations: 1e-5 of the scale
     for a, b in ((out["context"], ctx), (out["pooled"], pooled), (neg["context"], neg_ctx), (neg["pooled"], neg_pooled)):
-        assert _text_encoders_rel(a, b) <= 1e-5
-    assert (out["context"][:, :77, 32 + 48:] == 0).all()  # the zero padding of the CLIP features
+        assert rel(a, b) <= 1e-5
+    assert (out["context"][:, :77, 32 + 48:] == 0).all()  # the zero padding of the CLIP features: exactly zero
 
     no_t5 = te.SD3Conditioner(sd3.clip_l, sd3.clip_g, sd3.clip_l_tokenizer, sd3.clip_g_tokenizer, t5_length=40,
                               context_dim=96)(prompts)
@@ -1839,9 +1789,9 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
         rg = parts["text_encoder_2"](g_ids, output_hidden_states=True)
     manual = F.pad(torch.cat([rl.hidden_states[-2], rg.hidden_states[-2]], -1), (0, 96 - 80))
     manual = torch.cat([manual, torch.zeros(2, 40, 96)], 1)
-    assert _text_encoders_rel(no_t5["context"], manual) <= 1e-5
-    assert (no_t5["context"][:, 77:] == 0).all()
-    assert _text_encoders_rel(no_t5["pooled"], torch.cat([rl.text_embeds, rg.text_embeds], -1)) <= 1e-5
+    assert rel(no_t5["context"], manual) <= 1e-5  # as above: the same fp32 CLIPs, two implementations
+    assert (no_t5["context"][:, 77:] == 0).all()  # no T5: zeros, exactly
+    assert rel(no_t5["pooled"], torch.cat([rl.text_embeds, rg.text_embeds], -1)) <= 1e-5
 
     flux = te.FluxConditioner(te.load_clip(root / "text_encoder"), te.load_t5(root / "text_encoder_3"),
                               te.CLIPTokenizer(root / "tokenizer"), te.T5Tokenizer(root / "tokenizer_3", max_length=40))
@@ -1854,33 +1804,7 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
         txt, vec, _ = fpipe.encode_prompt(prompts, None, device=cpu, max_sequence_length=40)
     got = flux(prompts, dtype=torch.float64)
     assert got["txt"].dtype == torch.float64 and got["txt"].shape == (2, 40, 96) and got["vec"].shape == (2, 32)
-    assert _text_encoders_rel(got["txt"], txt) <= 1e-5 and _text_encoders_rel(got["vec"], vec) <= 1e-5
-    flux.free()
-    with pytest.raises(RuntimeError, match="freed"):
-        flux(prompts)
-
-
-def test_text_encoders_embedding_cache(tmp_path):
-    root, _ = _text_encoders_pipeline_parts(tmp_path)
-    sd3 = te.SD3Conditioner.from_folder(root, t5=False, t5_length=16, context_dim=96)
-    key = sd3.cache_key("a cat")
-    assert key != sd3.cache_key("a dog")
-    other = te.SD3Conditioner.from_folder(root, t5=False, t5_length=32, context_dim=96)  # another setting
-    assert key != other.cache_key("a cat")
-    bf16 = te.SD3Conditioner.from_folder(root, t5=False, t5_length=16, context_dim=96, dtype=torch.bfloat16)
-    assert key != bf16.cache_key("a cat")  # encoders in another dtype give other numbers
-    emb = sd3("a cat")
-    te.save_embeddings(tmp_path / "cache" / "0.safetensors", emb, key)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["0.safetensors"]  # no temp file left behind
-    back = te.load_embeddings(tmp_path / "cache" / "0.safetensors", key)
-    assert all(torch.equal(back[k], emb[k]) for k in emb)
-    with pytest.raises(ValueError, match="another prompt or model"):
-        te.load_embeddings(tmp_path / "cache" / "0.safetensors", sd3.cache_key("a dog"))
-    sd3.free()
-    assert sd3.cache_key("a cat") == key  # still the same key once the encoders are gone
-    with pytest.raises(ValueError, match="model_id"):
-        te.SD3Conditioner(te.CLIPText(other.clip_l.config), other.clip_g, other.clip_l_tokenizer,
-                          other.clip_g_tokenizer, context_dim=96).cache_key("x")  # a model built in code needs a name
+    assert rel(got["txt"], txt) <= 1e-5 and rel(got["vec"], vec) <= 1e-5  # fp32 models, two implementations
 
 
 # ====================================================================================================
