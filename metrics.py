@@ -1,7 +1,6 @@
 """Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE, LPIPS.
 
-GLCM score (Eq. 11), as the authors' evaluation script computes it (and so as the paper's 0.58–0.80 on
-2048² / 4096² images were produced):
+GLCM score (Eq. 11), as the authors' evaluation script computes it (which produced the paper's 0.58–0.80):
   1. grayscale as OpenCV's cvtColor(COLOR_RGB2GRAY) computes it for uint8 (15-bit fixed point);
   2. 64 gray levels: gray // 4;
   3. non-overlapping 64×64 patches from the top-left;
@@ -9,22 +8,19 @@ GLCM score (Eq. 11), as the authors' evaluation script computes it (and so as th
      135°, each normalised to sum 1: a 64×64×4×4 array, scikit-image's `graycomatrix(patch, [1, 2, 3, 4],
      [0, π/4, π/2, 3π/4], levels=64, normed=True)`;
   5. the patch's value is the base-2 entropy of the histogram of the DISTINCT values in that array (what
-     `skimage.measure.shannon_entropy` returns when handed it: it counts equal floats, it does not sum
-     p·log p over the cells);
+     `skimage.measure.shannon_entropy` returns when handed it: it counts equal floats);
   6. the image's score is the mean over its patches.
 Step 5 is not Haralick's GLCM entropy (−Σ p·log2 p over the cells of each matrix); that one is offered as
-`entropy="haralick"` (mean over the 16 matrices). `glcm_patch_scores_plain` is this definition patch by
-patch; `glcm_score` runs the batched `glcm_patch_scores` (tested equal to it). Unlike the authors, who
-score only the top-left size×size square, we score the whole image (⌊H/64⌋×⌊W/64⌋ patches) by default;
-`crop=N` restores their behaviour.
+`entropy="haralick"` (mean over the 16 matrices). `glcm_patch_scores_plain` is this definition, patch by
+patch; `glcm_score` runs the batched `glcm_patch_scores`, tested equal to it. The authors score only the
+top-left size×size square; we score the whole image by default, and `crop=N` restores their behaviour.
 
-Compression ratio (Eq. 12): H·W·3 bytes over the size of the image encoded as JPEG at quality 95 with
-Pillow's defaults. For a folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
+Compression ratio (Eq. 12): H·W·3 bytes over the size of the image as a Pillow JPEG at quality 95. For a
+folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
 
-PSNR, SSIM (Gaussian window 11, σ = 1.5) and NMSE compare an image with a reference of the same size;
-so does LPIPS (VGG16, v0.1), in plain PyTorch from the official weight files (`load_lpips`).
-
-Images are read by `load_image` to what OpenCV's `cv2.imread` (the authors' reader) gives, as RGB.
+PSNR, SSIM (Gaussian window 11, σ = 1.5), NMSE and LPIPS (VGG16, v0.1, in plain PyTorch from the official
+weight files) compare an image with a reference of the same size. `load_image` reads files as OpenCV's
+imread (the authors' reader) does, as RGB.
 
 CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
 Imports `UserError` and `write_json` from vae.py: the scripts' shared error type and atomic JSON writer.
@@ -137,7 +133,6 @@ def glcm_score(image, *, crop: int | None = None, entropy: str = "distinct", dev
     return glcm_patch_scores(levels, entropy=entropy).mean().item()
 
 
-
 # ====================================================================================================
 # Compression ratio (Eq. 12)
 
@@ -214,8 +209,7 @@ def ssim(image, reference) -> float:
     return float(s[r:-r, r:-r].mean(axis=(0, 1)).mean())
 
 
-# Metrics on (image, reference) pairs reported by the CLI with --ref (--lpips adds "lpips");
-# set-level ones (FID, CLIPScore) belong in _summarize.
+# Metrics on (image, reference) pairs reported by the CLI with --ref (--lpips adds "lpips")
 PAIR_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
@@ -334,8 +328,6 @@ def lpips(image, reference, *, model: LPIPS) -> float:
     a, b = _same_size(image, reference)
     device = next(model.parameters()).device
     return float(model(image_to_tensor(a).to(device), image_to_tensor(b).to(device)))
-
-
 
 
 # ====================================================================================================
@@ -570,31 +562,22 @@ def _evaluate(args) -> dict:
             unmatched.append({"file": name, "reason": why_no_ref})
     if not rows:
         raise UserError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
-                          f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
-                          f"{', ...' if len(skipped) > 1 else ''})")
-    return {
-        "settings": {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
-                     "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []},
-        "summary": _summarize(rows, list(args.pair_metrics)),
-        "images": rows,
-        "skipped": skipped,
-        "unmatched": unmatched,
-    }
-
-
-def _summarize(rows: list[dict], pair_keys: list[str]) -> dict:
-    raw_bytes = sum(r["width"] * r["height"] * 3 for r in rows)
+                        f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
+                        f"{', ...' if len(skipped) > 1 else ''})")
     summary = {
         "images": len(rows),
         "glcm_mean": float(np.mean([r["glcm"] for r in rows])),
-        "compression_ratio_of_totals": raw_bytes / sum(r["jpeg_bytes"] for r in rows),  # the paper's
+        "compression_ratio_of_totals": sum(r["width"] * r["height"] * 3 for r in rows)
+        / sum(r["jpeg_bytes"] for r in rows),  # the paper's
         "compression_ratio_mean": float(np.mean([r["compression_ratio"] for r in rows])),
     }
-    pairs = [r for r in rows if all(k in r for k in pair_keys)]
-    if pairs:
+    pairs = [r for r in rows if all(k in r for k in args.pair_metrics)]
+    if pairs:  # set-level metrics (FID, CLIPScore) would go here too
         summary["pairs"] = len(pairs)
-        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in pair_keys})
-    return summary
+        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in args.pair_metrics})
+    settings = {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
+                "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []}
+    return {"settings": settings, "summary": summary, "images": rows, "skipped": skipped, "unmatched": unmatched}
 
 
 def _print_report(result: dict) -> None:
