@@ -1,30 +1,29 @@
 """Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE, LPIPS.
 
-GLCM score (Eq. 11) — what the authors' evaluation script computes, which is how the paper's numbers
-(0.58–0.80 on 2048² / 4096² images) were produced:
-  1. grayscale with the ITU-R 601 weights, rounded exactly as OpenCV's cvtColor(COLOR_RGB2GRAY) does
-     for uint8 (15-bit fixed point, see `rgb_to_gray`);
-  2. 64 gray levels by integer division by 4;
-  3. non-overlapping 64×64 patches, top-left aligned;
-  4. per patch, gray-level co-occurrence matrices for distances 1, 2, 3, 4 and angles 0°, 45°, 90°,
-     135° (non-symmetric), each (distance, angle) slice normalized to sum 1: a 64×64×4×4 array —
-     scikit-image's `graycomatrix(patch, [1, 2, 3, 4], [0, π/4, π/2, 3π/4], levels=64, normed=True)`;
-  5. the patch's value is the base-2 Shannon entropy of the histogram of the DISTINCT values found in
-     that whole array (what `skimage.measure.shannon_entropy` returns when handed the array: it counts
-     equal floats, it does not sum p·log p over the cells);
+GLCM score (Eq. 11), as the authors' evaluation script computes it (which produced the paper's 0.58–0.80):
+  1. grayscale as OpenCV's cvtColor(COLOR_RGB2GRAY) computes it for uint8 (15-bit fixed point);
+  2. 64 gray levels: gray // 4;
+  3. non-overlapping 64×64 patches from the top-left;
+  4. per patch, the 16 non-symmetric co-occurrence matrices for distances 1–4 and angles 0°, 45°, 90°,
+     135°, each normalised to sum 1: a 64×64×4×4 array, scikit-image's `graycomatrix(patch, [1, 2, 3, 4],
+     [0, π/4, π/2, 3π/4], levels=64, normed=True)`;
+  5. the patch's value is the base-2 entropy of the histogram of the DISTINCT values in that array (what
+     `skimage.measure.shannon_entropy` returns when handed it: it counts equal floats);
   6. the image's score is the mean over its patches.
-Step 5 is not Haralick's GLCM entropy (−Σ p log p over the cells of each matrix); that one is offered
-as `entropy="haralick"` (mean over the 16 slices of −Σ p·log2 p), see `glcm_score`.
-The authors score only the top-left size×size square; by default we cover the whole image
-(⌊H/64⌋×⌊W/64⌋ patches); `crop=N` restores their behaviour.
+Step 5 is not Haralick's GLCM entropy (−Σ p·log2 p over the cells of each matrix); that one is offered as
+`entropy="haralick"` (mean over the 16 matrices). `glcm_patch_scores_plain` is this definition, patch by
+patch; `glcm_score` runs the batched `glcm_patch_scores`, tested equal to it. The authors score only the
+top-left size×size square; we score the whole image by default, and `crop=N` restores their behaviour.
 
-Compression ratio (Eq. 12): H·W·3 bytes over the size of the image encoded as JPEG at quality 95 with
-Pillow's defaults. For a folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
+Compression ratio (Eq. 12): H·W·3 bytes over the size of the image as a Pillow JPEG at quality 95. For a
+folder, the paper's number is the ratio of totals (Σ H·W·3 / Σ JPEG bytes).
 
-PSNR, SSIM (Gaussian window 11, σ = 1.5) and NMSE compare an image with a reference of the same size;
-so does LPIPS (VGG16, v0.1), in plain PyTorch from the official weight files (`load_lpips`).
+PSNR, SSIM (Gaussian window 11, σ = 1.5), NMSE and LPIPS (VGG16, v0.1, in plain PyTorch from the official
+weight files) compare an image with a reference of the same size. `load_image` reads files as OpenCV's
+imread (the authors' reader) does, as RGB.
 
 CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
+Imports `UserError` and `write_json` from vae.py: the scripts' shared error type and atomic JSON writer.
 """
 import argparse
 import functools
@@ -39,81 +38,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from vae import UserError, write_json  # the scripts' shared error type and atomic JSON writer
+from vae import UserError, write_json
 
-# ----------------------------------------------------------------------------------------------------
-# Loading images
-
-
-def load_image(path) -> np.ndarray:
-    """Read an image file as an (H, W, 3) uint8 RGB array.
-
-    Conversions, meant to give what OpenCV's `cv2.imread(path)` (the authors' reader) gives:
-    - the EXIF orientation tag is applied;
-    - alpha is dropped (RGBA, LA, palette with transparency), not composited over a background;
-    - grayscale is replicated to three channels (and our grayscale of (v, v, v) is v again);
-    - 16-bit grayscale keeps its high byte, v >> 8 (truncation, libpng's strip-16);
-    - palette, bilevel, CMYK, YCbCr, ... go through Pillow's conversion to RGB.
-    Raises OSError / ValueError (one-line message) for unreadable or unsupported files.
-    """
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb_array(ImageOps.exif_transpose(im))
-
-
-def to_rgb_array(image) -> np.ndarray:
-    """A path, PIL image or (H, W[, C]) uint8 array -> contiguous (H, W, 3) uint8 RGB array."""
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGB", "L"):
-            image = np.asarray(image)
-        elif image.mode in ("RGBA", "RGBX", "LA"):
-            image = np.asarray(image)[..., : len(image.mode) - 1]  # drop alpha / padding
-        elif image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grayscale
-            image = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-        elif image.mode == "F":
-            raise ValueError("floating-point images (mode F) are not supported; save as 8- or 16-bit")
-        elif image.mode in ("P", "PA"):
-            image = np.asarray(image.convert("RGBA"))[..., :3]
-        else:  # "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", ...
-            image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert to 8 bits first")
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {arr.shape}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return np.ascontiguousarray(arr[..., :3])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grayscale, as OpenCV computes it for uint8
-
-# OpenCV (modules/imgproc/src/color_rgb.simd.hpp, RGB2Gray<uchar>; constants in color.hpp) converts
-# uint8 RGB to gray in 15-bit fixed point: RY15 = 9798, GY15 = 19235, BY15 = 3735 (each the float
-# weight ·32768 + 0.5; they sum to 32768), then CV_DESCALE(x, 15) = (x + 2^14) >> 15. The IPP path is
-# used for float32 only, so this is what cv2.cvtColor returns for uint8 on every platform. It differs
-# from round(0.299 R + 0.587 G + 0.114 B) by one level on some colours (tested exhaustively).
-GRAY_WEIGHTS_15BIT = (9798, 19235, 3735)  # R, G, B
-
-
-def rgb_to_gray(rgb) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB (array or tensor) -> (H, W) uint8 gray, bit-exact with OpenCV's cvtColor."""
-    x = torch.as_tensor(rgb)
-    wr, wg, wb = GRAY_WEIGHTS_15BIT
-    gray = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
-    for i in range(0, x.shape[0], 256):  # bands of rows keep the int32 temporaries in cache
-        b = x[i : i + 256].to(torch.int32)
-        gray[i : i + 256] = (b[..., 0] * wr + b[..., 1] * wg + b[..., 2] * wb + (1 << 14)) >> 15
-    return gray
-
-
-# ----------------------------------------------------------------------------------------------------
-# GLCM score (Eq. 11)
+# ====================================================================================================
+# GLCM score (Eq. 11): the definition
 
 GLCM_PATCH = 64  # patch side
 GLCM_LEVELS = 64  # gray levels: 256 // 4
@@ -122,172 +50,76 @@ GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
 GLCM_ENTROPIES = ("distinct", "haralick")
 
 
-def _round_half_away(x: float) -> int:
-    return int(x + 0.5) if x > 0 else int(x - 0.5)  # scikit-image's round() in _glcm_loop
+def rgb_to_gray(rgb) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB (array or tensor) -> (H, W) uint8 gray, bit-exact with OpenCV's cvtColor.
+
+    OpenCV (imgproc color_rgb.simd.hpp, RGB2Gray<uchar>) uses 15-bit fixed point for uint8 on every
+    platform: the weights 0.299, 0.587, 0.114 become 9798, 19235, 3735 (·32768, rounded; they sum to
+    32768) and the result is (x + 2^14) >> 15. This differs from round(0.299 R + 0.587 G + 0.114 B) by
+    one level on 0.13 % of the colours, which moves GLCM scores.
+    """
+    x = torch.as_tensor(rgb)
+    gray = torch.empty(x.shape[:-1], dtype=torch.uint8, device=x.device)
+    for i in range(0, x.shape[0], 256):  # bands of rows keep the int32 temporaries in cache
+        b = x[i : i + 256].to(torch.int32)
+        gray[i : i + 256] = (9798 * b[..., 0] + 19235 * b[..., 1] + 3735 * b[..., 2] + (1 << 14)) >> 15
+    return gray
 
 
 def glcm_offsets() -> list[tuple[int, int]]:
-    """(row, col) step of each of the 16 (distance, angle) slices, distance-major like graycomatrix.
+    """(row, col) step of each of the 16 (distance, angle) matrices, distance-major.
 
-    scikit-image pairs pixel (r, c) with (r + round(sin(a)·d), c + round(cos(a)·d)), rounding half away
-    from zero. Note 45° at d = 2 rounds to the same step (1, 1) as d = 1 (and 135° to (1, −1)), so the
-    16 slices hold only 14 different matrices, two of them twice.
+    graycomatrix pairs pixel (r, c) with (r + round(sin(a)·d), c + round(cos(a)·d)), its round() going
+    half away from zero. So 45° at d = 2 gives the same step (1, 1) as d = 1 (and 135° (1, −1)): the 16
+    matrices hold only 14 different ones, two of them twice, and both copies count in step 5.
     """
-    return [(_round_half_away(math.sin(a) * d), _round_half_away(math.cos(a) * d))
+    def round_half_away(x: float) -> int:
+        return int(x + 0.5) if x > 0 else int(x - 0.5)
+
+    return [(round_half_away(math.sin(a) * d), round_half_away(math.cos(a) * d))
             for d in GLCM_DISTANCES for a in GLCM_ANGLES]
 
 
-class _GlcmPlan:
-    """Everything about the 16 slices that does not depend on the image, built once per device."""
-
-    def __init__(self, device: torch.device):
-        P = GLCM_PATCH
-        slices = glcm_offsets()
-        self.steps = list(dict.fromkeys(slices))  # the 14 distinct (row, col) steps, first-seen order
-        self.n_slices = len(slices)  # 16
-        self.n_values = self.n_slices * GLCM_LEVELS**2  # entries of the 64×64×4×4 array: 65536
-        # Pairs per step (the normalizer of graycomatrix(normed=True)) and slices per step (1 or 2).
-        totals = [(P - abs(r)) * (P - abs(c)) for r, c in self.steps]
-        mult = [slices.count(s) for s in self.steps]
-        self.totals = torch.tensor(totals, dtype=torch.float64, device=device)
-        self.mult = torch.tensor(mult, dtype=torch.int32, device=device)
-        # Steps with the same number of pairs T hold the same value for the same count: one class
-        # per T (7 classes), smallest T first.
-        class_totals = sorted(set(totals))
-        self.n_classes = len(class_totals)
-        self.step_class = torch.tensor([class_totals.index(T) for T in totals], device=device)
-        # Exact identity of normalized values. A cell with count c in a slice of T pairs holds the
-        # float64 c / T. Counts and totals are < 2^12, so two such floats are equal exactly when the
-        # fractions are (distinct fractions differ by ≥ 1/(T1·T2), far above float64 spacing; equal
-        # fractions round to the same float). So (class, count) names a value, except where two
-        # classes share one: c1 / T1 = c2 / T2, e.g. 63/3969 = 64/4032. List each such (class, count)
-        # with the first (class, count) of that value; classes go by increasing T, so the first one
-        # has the smallest count.
-        M = math.lcm(*class_totals)  # c·(M / T) is an integer, equal exactly when c / T is
-        seen, dup, rep = {}, [], []
-        for k, T in enumerate(class_totals):
-            for c in range(1, T + 1):
-                key = c * (M // T)
-                if key in seen:
-                    dup.append((k, c)), rep.append(seen[key])
-                else:
-                    seen[key] = (k, c)
-        self.dup = torch.tensor(dup, dtype=torch.int64, device=device).view(-1, 2)  # (D, 2) class, count
-        self.rep = torch.tensor(rep, dtype=torch.int64, device=device).view(-1, 2)
+def glcm_matrices(patch: torch.Tensor) -> torch.Tensor:
+    """(64, 64) gray levels in [0, 64) -> (64, 64, 4, 4) float64, `graycomatrix(..., normed=True)`:
+    [i, j, d, a] = share of the pairs (pixel, pixel + step(d, a)), both inside the patch, with levels i, j."""
+    P, L = patch.shape[0], GLCM_LEVELS
+    q = patch.long()
+    out = torch.empty(L * L, len(GLCM_DISTANCES) * len(GLCM_ANGLES), dtype=torch.float64, device=patch.device)
+    for s, (dr, dc) in enumerate(glcm_offsets()):
+        r0, r1, c0, c1 = max(0, -dr), P - max(0, dr), max(0, -dc), P - max(0, dc)  # pixels whose partner is inside
+        first, second = q[r0:r1, c0:c1], q[r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+        counts = torch.bincount((first * L + second).flatten(), minlength=L * L)
+        out[:, s] = counts.double() / counts.sum()
+    return out.view(L, L, len(GLCM_DISTANCES), len(GLCM_ANGLES))
 
 
-@functools.lru_cache(maxsize=None)
-def _glcm_plan(device: str) -> _GlcmPlan:
-    return _GlcmPlan(torch.device(device))
-
-
-def _levels_present(levels: torch.Tensor) -> torch.Tensor:
-    """levels (K, P, P) uint8 -> (K, 64) bool: which gray levels occur in each patch."""
-    K = levels.shape[0]
-    flat = levels.reshape(K, -1).long()
-    ones = torch.ones(1, 1, dtype=torch.int32, device=levels.device).expand_as(flat)
-    return torch.zeros(K, GLCM_LEVELS, dtype=torch.int32, device=levels.device).scatter_add_(1, flat, ones) > 0
-
-
-def _patch_glcm_counts(levels: torch.Tensor, present: torch.Tensor, plan: _GlcmPlan) -> torch.Tensor:
-    """levels (K, P, P) uint8 in [0, 64), present (K, 64) -> co-occurrence counts (K, U, n·n) int32.
-
-    Only the gray levels that occur can have non-zero cells, so each patch's levels are first
-    renumbered 0..n−1 in order (n = most levels in one patch of the chunk, often well below 64): the
-    n×n block then holds every non-zero cell of the 64×64 matrix, and the rest are zeros. Counting is
-    one scatter-add per step over all the patches at once.
-    """
-    K, P, _ = levels.shape
-    n = int(present.sum(1).max())
-    rank = present.cumsum(1) - 1  # (K, 64): compact number of each level that occurs
-    q = rank.gather(1, levels.view(K, -1).long()).view(K, P, P)  # (K, P, P) int64 in [0, n)
-    q_row = q * n
-    counts = torch.zeros(K, len(plan.steps), n * n, dtype=torch.int32, device=levels.device)
-    for u, (dr, dc) in enumerate(plan.steps):
-        # pixel (r, c) pairs with (r + dr, c + dc); keep the pixels whose partner is inside the patch
-        r0, r1, c0, c1 = max(0, -dr), P - max(0, dr), max(0, -dc), P - max(0, dc)
-        cell = (q_row[:, r0:r1, c0:c1] + q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]).view(K, -1)
-        ones = torch.ones(1, 1, dtype=torch.int32, device=levels.device).expand_as(cell)
-        counts[:, u].scatter_add_(1, cell, ones)
-    return counts
-
-
-def _entropy_bits(p: torch.Tensor, dim) -> torch.Tensor:
-    """−Σ p·log2 p along dim (0·log 0 = 0), float64, as scipy.stats.entropy(·, base=2) computes it."""
+def entropy_bits(p: torch.Tensor, dim) -> torch.Tensor:
+    """−Σ p·log2 p along dim (0·log 0 = 0), as scipy.stats.entropy(·, base=2) computes it."""
     return -torch.special.xlogy(p, p).sum(dim) / math.log(2)
 
 
-def _patch_entropies(levels: torch.Tensor, present: torch.Tensor, plan: _GlcmPlan, entropy: str
-                     ) -> torch.Tensor:
-    """levels (K, P, P) uint8, present (K, 64) -> (K,) float64 per-patch GLCM entropy."""
-    counts = _patch_glcm_counts(levels, present, plan)  # (K, U, n²)
-    K, U, _ = counts.shape
-    if entropy == "haralick":
-        # −Σ p log2 p over the cells of each normalized slice (the cells left out are 0), mean over
-        # the 16 slices.
-        per_step = _entropy_bits(counts.double() / plan.totals.view(1, U, 1), dim=2)  # (K, U)
-        return (per_step * plan.mult).sum(1) / plan.n_slices
-    # Distinct-value entropy: histogram of the values of all 65536 entries of the 64×64×4×4 array.
-    # 1. cells per (step, count), each step weighted by the number of slices using it (1 or 2)
-    c1 = int(counts.max()) + 1
-    weight = plan.mult.view(1, U, 1).expand_as(counts)
-    per_step = torch.zeros(K, U, c1, dtype=torch.int32, device=counts.device)
-    per_step.scatter_add_(2, counts.long(), weight)
-    # 2. merge the steps of a class: same T, same value for the same count
-    per_class = torch.zeros(K, plan.n_classes, c1, dtype=torch.int32, device=counts.device)
-    per_class.index_add_(1, plan.step_class, per_step)
-    # 3. merge the few (class, count) holding the same value as a smaller count of another class
-    keep = plan.dup[:, 1] < c1  # then the representative's count is < c1 too
-    dup, rep = plan.dup[keep], plan.rep[keep]
-    flat = per_class.view(K, -1)  # (K, classes·c1)
-    dup_col, rep_col = dup[:, 0] * c1 + dup[:, 1], rep[:, 0] * c1 + rep[:, 1]
-    flat.index_add_(1, rep_col, flat[:, dup_col])
-    flat[:, dup_col] = 0
-    # 4. the value 0: all entries not in a non-zero cell (including those outside the n×n blocks)
-    per_class[..., 0] = 0
-    flat = flat[:, flat.any(0)]  # only the value bins some patch of the chunk uses
-    zeros = plan.n_values - flat.sum(1, keepdim=True)
-    hist = torch.cat([zeros, flat], 1).double()
-    return _entropy_bits(hist / plan.n_values, dim=1)
-
-
-def glcm_patch_scores(gray_levels: torch.Tensor, *, entropy: str = "distinct", chunk: int | None = None
-                      ) -> torch.Tensor:
-    """Per-patch GLCM entropy of a (H, W) uint8 map of gray levels in [0, 64).
-
-    Returns (⌊H/64⌋, ⌊W/64⌋) float64 on the input's device: patch (i, j) covers rows 64i..64i+63 and
-    columns 64j..64j+63. All patches are processed together, `chunk` at a time to bound memory.
-    """
-    if entropy not in GLCM_ENTROPIES:
-        raise ValueError(f"entropy must be one of {GLCM_ENTROPIES}, got {entropy!r}")
+def glcm_patch_scores_plain(levels: torch.Tensor, entropy: str = "distinct") -> torch.Tensor:
+    """Per-patch value (steps 4-5) of a (H, W) map of gray levels in [0, 64), one patch at a time.
+    Returns (⌊H/64⌋, ⌊W/64⌋) float64; patch (i, j) covers rows 64i..64i+63 and columns 64j..64j+63."""
     P = GLCM_PATCH
-    H, W = gray_levels.shape
-    ph, pw = H // P, W // P
-    if ph == 0 or pw == 0:
-        raise ValueError(f"image {W}×{H} is smaller than one {P}×{P} GLCM patch")
-    device = gray_levels.device
-    plan = _glcm_plan(str(device))
-    patches = gray_levels[: ph * P, : pw * P].reshape(ph, P, pw, P).transpose(1, 2).reshape(-1, P, P)
-    # Patches with few gray levels have small GLCM blocks (see _patch_glcm_counts), so patches with
-    # similar numbers of levels go through together: sort them by it.
-    present = torch.cat([_levels_present(patches[s : s + 1024]) for s in range(0, len(patches), 1024)])
-    order = torch.argsort(present.sum(1), stable=True)
-    # On a CPU, chunks of a few patches per thread keep the per-pair index (8 bytes a pair) in cache;
-    # a GPU takes many at once.
-    chunk = chunk or (512 if device.type == "cuda" else max(16, 4 * torch.get_num_threads()))
-    out = torch.empty(len(patches), dtype=torch.float64, device=device)
-    for s in range(0, len(patches), chunk):
-        idx = order[s : s + chunk]
-        out[idx] = _patch_entropies(patches[idx], present[idx], plan, entropy)
-    return out.view(ph, pw)
+    out = torch.empty(levels.shape[0] // P, levels.shape[1] // P, dtype=torch.float64, device=levels.device)
+    for i, j in np.ndindex(*out.shape):
+        glcm = glcm_matrices(levels[P * i : P * i + P, P * j : P * j + P])
+        if entropy == "haralick":  # Haralick's entropy of each matrix, mean over the 16
+            out[i, j] = entropy_bits(glcm.flatten(0, 1), dim=0).mean()
+        else:  # the authors': histogram of the distinct values among all 65536 entries
+            _, counts = torch.unique(glcm, return_counts=True)
+            out[i, j] = entropy_bits(counts.double() / glcm.numel(), dim=0)
+    return out
 
 
 def glcm_score(image, *, crop: int | None = None, entropy: str = "distinct", device=None) -> float:
-    """GLCM score (Eq. 11) of an image: path, PIL image or (H, W, 3) uint8 array.
+    """GLCM score (Eq. 11) of an image (path, PIL image or (H, W, 3) uint8 array), in bits.
 
-    entropy="distinct" (default) reproduces the authors' script (see the module docstring);
-    "haralick" is Haralick's GLCM entropy −Σ p·log2 p, averaged over the 16 slices. Both in bits.
-    crop=N scores only the top-left N×N square, as the authors do; by default the whole image.
+    entropy="distinct" (default) is the authors' (see the module docstring); "haralick" is Haralick's
+    GLCM entropy averaged over the 16 matrices. crop=N scores only the top-left N×N square, as the
+    authors do; by default the whole image. Computed by the batched `glcm_patch_scores` on `device`.
     """
     rgb = to_rgb_array(image)
     if crop is not None:
@@ -296,13 +128,12 @@ def glcm_score(image, *, crop: int | None = None, entropy: str = "distinct", dev
         if rgb.shape[0] < crop or rgb.shape[1] < crop:
             raise ValueError(f"image {rgb.shape[1]}×{rgb.shape[0]} is smaller than the {crop}×{crop} crop")
         rgb = rgb[:crop, :crop]
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rgb = torch.from_numpy(rgb) if rgb.flags.writeable else torch.tensor(rgb)  # (H, W, 3) uint8
-    levels = rgb_to_gray(rgb.to(device)) >> 2  # 64 levels: gray // 4
+    rgb = torch.from_numpy(rgb) if rgb.flags.writeable else torch.tensor(rgb)
+    levels = rgb_to_gray(rgb.to(device or "cpu")) >> 2  # 64 levels: gray // 4
     return glcm_patch_scores(levels, entropy=entropy).mean().item()
 
 
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 # Compression ratio (Eq. 12)
 
 
@@ -319,7 +150,7 @@ def compression_ratio(image, quality: int = 95) -> float:
     return rgb.size / jpeg_size(rgb, quality)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 # Reconstruction metrics on (H, W, 3) uint8 pairs (data range 255)
 
 
@@ -351,12 +182,6 @@ def nmse(image, reference) -> float:
     return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def _gaussian_window(sigma: float = 1.5, radius: int = 5) -> np.ndarray:
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
-
-
 def ssim(image, reference) -> float:
     """Mean SSIM (Wang et al. 2004): Gaussian window 11, σ = 1.5, K1 = 0.01, K2 = 0.03, data range 255.
 
@@ -371,7 +196,8 @@ def ssim(image, reference) -> float:
     r = 5  # window radius: 11 taps
     if min(a.shape[:2]) < 2 * r + 1:
         raise ValueError(f"SSIM needs images of at least {2 * r + 1}×{2 * r + 1}")
-    w = _gaussian_window(1.5, r)
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / 1.5) ** 2)  # the Gaussian window, σ = 1.5
+    w /= w.sum()
 
     def blur(x):  # (H, W, 3) -> same; borders are cropped below, so the boundary mode does not matter
         return correlate1d(correlate1d(x, w, axis=0, mode="reflect"), w, axis=1, mode="reflect")
@@ -383,12 +209,11 @@ def ssim(image, reference) -> float:
     return float(s[r:-r, r:-r].mean(axis=(0, 1)).mean())
 
 
-# Metrics on (image, reference) pairs reported by the CLI with --ref (--lpips adds "lpips");
-# set-level ones (FID, CLIPScore) belong in _summarize.
+# Metrics on (image, reference) pairs reported by the CLI with --ref (--lpips adds "lpips")
 PAIR_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 # LPIPS (Zhang et al. 2018), v0.1 with VGG16 — the perceptual term of the SC-VAE objective (Eq. 4)
 
 LPIPS_VGG_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 state dict
@@ -497,12 +322,6 @@ def load_lpips(vgg: str | os.PathLike | None = None, heads: str | os.PathLike | 
     return model.requires_grad_(False).eval().to(device)
 
 
-def image_to_tensor(image) -> torch.Tensor:
-    """A path, PIL image or (H, W, 3) uint8 array -> (1, 3, H, W) float32 in [−1, 1] (x / 127.5 − 1)."""
-    rgb = torch.from_numpy(np.array(to_rgb_array(image)))  # a writable copy
-    return (rgb.permute(2, 0, 1)[None].float() / 127.5 - 1).contiguous()
-
-
 @torch.no_grad()
 def lpips(image, reference, *, model: LPIPS) -> float:
     """LPIPS distance between two images of one size (uint8 arrays, PIL images or paths)."""
@@ -511,7 +330,144 @@ def lpips(image, reference, *, model: LPIPS) -> float:
     return float(model(image_to_tensor(a).to(device), image_to_tensor(b).to(device)))
 
 
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# Fast GLCM (engineering): all patches at once
+#
+# The same numbers as glcm_patch_scores_plain (tested equal) without building a 65536-entry array per
+# patch. Each patch's gray levels are renumbered 0..n−1 (n = levels present), so its non-zero cells fit
+# in an n×n block, and one scatter-add per distinct step counts a whole chunk of patches. For "distinct",
+# a cell with count c in a matrix of T pairs holds the float64 c / T, so the histogram of distinct values
+# is a histogram over (step, count) with the (step, count) holding the same float merged, plus the
+# zeros: every entry not in a non-zero cell.
+
+
+@functools.lru_cache(maxsize=None)
+def _glcm_steps(device: str):
+    """The 14 distinct steps of glcm_offsets(), the matrices using each (1 or 2) and its pairs T."""
+    P, offsets = GLCM_PATCH, glcm_offsets()
+    steps = list(dict.fromkeys(offsets))
+    copies = torch.tensor([offsets.count(s) for s in steps], dtype=torch.int32, device=device)
+    pairs = torch.tensor([(P - abs(r)) * (P - abs(c)) for r, c in steps], dtype=torch.float64, device=device)
+    return steps, copies, pairs
+
+
+def _glcm_counts(levels: torch.Tensor, present: torch.Tensor, steps) -> torch.Tensor:
+    """levels (K, P, P) in [0, 64), present (K, 64) bool -> co-occurrence counts (K, U, n·n) int32, with
+    n the most levels in one patch: the n×n block holds every non-zero cell of each 64×64 matrix."""
+    K, P, _ = levels.shape
+    n = int(present.sum(1).max())
+    rank = present.cumsum(1) - 1  # compact number of each level that occurs
+    q = rank.gather(1, levels.view(K, -1).long()).view(K, P, P)
+    q_row = q * n
+    counts = torch.zeros(K, len(steps), n * n, dtype=torch.int32, device=levels.device)
+    for u, (dr, dc) in enumerate(steps):
+        r0, r1, c0, c1 = max(0, -dr), P - max(0, dr), max(0, -dc), P - max(0, dc)
+        cell = (q_row[:, r0:r1, c0:c1] + q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]).view(K, -1)
+        _count_rows(counts[:, u], cell)
+    return counts
+
+
+def _count_rows(out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out (K, W) int32 += how often each value occurs in each row of index (K, N): a batched bincount."""
+    return out.scatter_add_(1, index, torch.ones(1, 1, dtype=torch.int32, device=index.device).expand_as(index))
+
+
+def _glcm_entropies(levels: torch.Tensor, present: torch.Tensor, entropy: str) -> torch.Tensor:
+    """levels (K, P, P), present (K, 64) -> (K,) float64 per-patch value."""
+    steps, copies, pairs = _glcm_steps(str(levels.device))
+    counts = _glcm_counts(levels, present, steps)  # (K, U, n²)
+    K, U, _ = counts.shape
+    n_matrices = len(GLCM_DISTANCES) * len(GLCM_ANGLES)
+    n_entries = n_matrices * GLCM_LEVELS**2  # of the 64×64×4×4 array
+    if entropy == "haralick":  # the cells outside the n×n block are 0 and add nothing
+        per_step = entropy_bits(counts.double() / pairs.view(1, U, 1), dim=2)  # (K, U)
+        return (per_step * copies).sum(1) / n_matrices
+    c1 = int(counts.max()) + 1
+    per_count = torch.zeros(K, U, c1, dtype=torch.int32, device=counts.device)  # entries per (step, count)
+    per_count.scatter_add_(2, counts.long(), copies.view(1, U, 1).expand_as(counts))
+    per_count[..., 0] = 0  # the zeros are counted last, inside the n×n blocks or not
+    per_count = per_count.view(K, -1)
+    used = per_count.amax(0).nonzero()[:, 0]  # the (step, count) some patch of the chunk holds
+    value = (used % c1) / pairs[used // c1]  # c / T, the very float graycomatrix(normed=True) stores
+    _, value_bin = torch.unique(value, return_inverse=True)  # equal floats merge, as in np.unique
+    hist = torch.zeros(K, int(value_bin.max()) + 1, dtype=torch.int32, device=counts.device)
+    hist.index_add_(1, value_bin, per_count[:, used])  # entries per distinct non-zero value
+    hist = torch.cat([n_entries - hist.sum(1, keepdim=True), hist], 1)
+    return entropy_bits(hist.double() / n_entries, dim=1)
+
+
+def glcm_patch_scores(levels: torch.Tensor, *, entropy: str = "distinct", chunk: int | None = None
+                      ) -> torch.Tensor:
+    """glcm_patch_scores_plain computed for all patches together, `chunk` at a time to bound memory.
+    levels: (H, W) uint8 in [0, 64) on any device -> (⌊H/64⌋, ⌊W/64⌋) float64 on that device."""
+    if entropy not in GLCM_ENTROPIES:
+        raise ValueError(f"entropy must be one of {GLCM_ENTROPIES}, got {entropy!r}")
+    P, (H, W), device = GLCM_PATCH, levels.shape, levels.device
+    ph, pw = H // P, W // P
+    if ph == 0 or pw == 0:
+        raise ValueError(f"image {W}×{H} is smaller than one {P}×{P} GLCM patch")
+    patches = levels[: ph * P, : pw * P].reshape(ph, P, pw, P).transpose(1, 2).reshape(-1, P, P)
+    present = torch.cat([_count_rows(torch.zeros(len(p), GLCM_LEVELS, dtype=torch.int32, device=device),
+                                     p.reshape(len(p), -1).long()) > 0 for p in patches.split(1024)])
+    # A chunk's blocks are as wide as its patch with the most levels: sort the patches by it.
+    order = torch.argsort(present.sum(1), stable=True)
+    # On a CPU, a few patches per thread keep the per-pair index (8 bytes a pair) in cache; a GPU takes many.
+    chunk = chunk or (512 if device.type == "cuda" else max(16, 4 * torch.get_num_threads()))
+    out = torch.empty(len(patches), dtype=torch.float64, device=device)
+    for idx in order.split(chunk):
+        out[idx] = _glcm_entropies(patches[idx], present[idx], entropy)
+    return out.view(ph, pw)
+
+
+# ====================================================================================================
+# Loading images
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 RGB array: what OpenCV's `cv2.imread(path)` (the authors'
+    reader) gives, as RGB. The EXIF orientation is applied; alpha is dropped (RGBA, LA, palette with
+    transparency), not composited; grayscale is replicated to three channels (and its gray is itself
+    again); 16-bit grayscale keeps its high byte, v >> 8 (libpng's strip-16 truncates); palette, bilevel,
+    CMYK, YCbCr, ... go through Pillow's conversion to RGB. OSError / ValueError (one line) for files
+    that are unreadable or unsupported."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb_array(ImageOps.exif_transpose(im))
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """A path, PIL image or (H, W[, C]) uint8 array -> contiguous (H, W, 3) uint8 RGB array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I"):  # 16-bit ("I;16", "I;16B", ...) or 32-bit ("I") grayscale
+            image = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        elif image.mode == "F":
+            raise ValueError("floating-point images (mode F) are not supported; save as 8- or 16-bit")
+        elif image.mode in ("P", "PA"):  # through RGBA: Pillow warns when a palette's transparency is dropped
+            image = np.asarray(image.convert("RGBA"))
+        elif image.mode not in ("RGB", "RGBA", "L"):  # "1", "CMYK", "YCbCr", "LA", "RGBX", ...
+            image = image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert to 8 bits first")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3])  # alpha dropped
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """A path, PIL image or (H, W, 3) uint8 array -> (1, 3, H, W) float32 in [−1, 1] (x / 127.5 − 1),
+    the input range of LPIPS and of the autoencoder."""
+    rgb = torch.from_numpy(np.array(to_rgb_array(image)))  # a writable copy
+    return (rgb.permute(2, 0, 1)[None].float() / 127.5 - 1).contiguous()
+
+
+# ====================================================================================================
 # CLI
 
 
@@ -606,31 +562,22 @@ def _evaluate(args) -> dict:
             unmatched.append({"file": name, "reason": why_no_ref})
     if not rows:
         raise UserError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
-                          f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
-                          f"{', ...' if len(skipped) > 1 else ''})")
-    return {
-        "settings": {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
-                     "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []},
-        "summary": _summarize(rows, list(args.pair_metrics)),
-        "images": rows,
-        "skipped": skipped,
-        "unmatched": unmatched,
-    }
-
-
-def _summarize(rows: list[dict], pair_keys=tuple(PAIR_METRICS)) -> dict:
-    raw_bytes = sum(r["width"] * r["height"] * 3 for r in rows)
+                        f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
+                        f"{', ...' if len(skipped) > 1 else ''})")
     summary = {
         "images": len(rows),
         "glcm_mean": float(np.mean([r["glcm"] for r in rows])),
-        "compression_ratio_of_totals": raw_bytes / sum(r["jpeg_bytes"] for r in rows),  # the paper's
+        "compression_ratio_of_totals": sum(r["width"] * r["height"] * 3 for r in rows)
+        / sum(r["jpeg_bytes"] for r in rows),  # the paper's
         "compression_ratio_mean": float(np.mean([r["compression_ratio"] for r in rows])),
     }
-    pairs = [r for r in rows if all(k in r for k in pair_keys)]
-    if pairs:
+    pairs = [r for r in rows if all(k in r for k in args.pair_metrics)]
+    if pairs:  # set-level metrics (FID, CLIPScore) would go here too
         summary["pairs"] = len(pairs)
-        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in pair_keys})
-    return summary
+        summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in args.pair_metrics})
+    settings = {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
+                "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []}
+    return {"settings": settings, "summary": summary, "images": rows, "skipped": skipped, "unmatched": unmatched}
 
 
 def _print_report(result: dict) -> None:

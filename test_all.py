@@ -192,10 +192,10 @@ def _metrics_photo(name: str) -> np.ndarray:
     return getattr(data, name)()
 
 
-def _metrics_gray_reference(rgb: np.ndarray) -> np.ndarray:
-    """OpenCV's uint8 RGB -> gray, written out from its source: (9798 R + 19235 G + 3735 B + 2^14) >> 15."""
-    x = rgb.astype(np.int64)
-    return ((9798 * x[..., 0] + 19235 * x[..., 1] + 3735 * x[..., 2] + 16384) >> 15).astype(np.uint8)
+def _metrics_opencv_gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
 
 def _metrics_reference_patches(rgb: np.ndarray, entropy: str = "distinct") -> np.ndarray:
@@ -203,7 +203,7 @@ def _metrics_reference_patches(rgb: np.ndarray, entropy: str = "distinct") -> np
     from skimage.feature import graycomatrix, graycoprops
     from skimage.measure import shannon_entropy
 
-    levels = _metrics_gray_reference(rgb) // 4
+    levels = _metrics_opencv_gray(rgb) // 4
     ph, pw = levels.shape[0] // 64, levels.shape[1] // 64
     out = np.empty((ph, pw))
     for i in range(ph):
@@ -217,8 +217,11 @@ def _metrics_reference_patches(rgb: np.ndarray, entropy: str = "distinct") -> np
     return out
 
 
-def _metrics_ours_patches(rgb: np.ndarray, entropy: str = "distinct", chunk=None) -> np.ndarray:
+def _metrics_ours_patches(rgb: np.ndarray, entropy: str = "distinct", chunk=None, plain=False) -> np.ndarray:
+    """The fast path (or, with plain=True, the definition) on our grayscale -> (⌊H/64⌋, ⌊W/64⌋)."""
     levels = metrics.rgb_to_gray(torch.from_numpy(np.ascontiguousarray(rgb))) >> 2
+    if plain:
+        return metrics.glcm_patch_scores_plain(levels, entropy).numpy()
     return metrics.glcm_patch_scores(levels, entropy=entropy, chunk=chunk).numpy()
 
 
@@ -226,14 +229,14 @@ def _metrics_ours_patches(rgb: np.ndarray, entropy: str = "distinct", chunk=None
 # Grayscale
 
 
-def test_metrics_gray_is_opencv_fixed_point_on_every_colour():
+def test_metrics_gray_is_opencv_on_every_colour():
     differ = 0
     for red in range(0, 256, 16):  # all 2^24 RGB colours, 16 reds at a time
         v = np.arange(1 << 20, dtype=np.uint32)
         rgb = np.stack([red + (v >> 16), (v >> 8) & 255, v & 255], -1).astype(np.uint8).reshape(1024, 1024, 3)
         ours = metrics.rgb_to_gray(rgb).numpy()
-        # Exact: integer arithmetic, nothing to tolerate.
-        np.testing.assert_array_equal(ours, _metrics_gray_reference(rgb))
+        # Exact: OpenCV runs the same integer computation for uint8 (15-bit fixed point), nothing to tolerate.
+        np.testing.assert_array_equal(ours, _metrics_opencv_gray(rgb))
         # Against the float definition round(0.299 R + 0.587 G + 0.114 B): at most one level apart.
         x = rgb.astype(np.float64)
         diff = np.abs(ours - np.floor(0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2] + 0.5))
@@ -242,11 +245,11 @@ def test_metrics_gray_is_opencv_fixed_point_on_every_colour():
     assert differ == 22411  # 0.13 % of the colours: the fixed point matters for parity
     # e.g. pure blue 250: 0.114·250 = 28.5 rounds to 29, OpenCV gives 28
     assert metrics.rgb_to_gray(np.array([[[0, 0, 250]]], dtype=np.uint8)).item() == 28
-    # Gray stays gray, and the primaries.
+    # Gray stays gray (load_image relies on it for grayscale files), on an odd-sized random image too.
     g = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
     np.testing.assert_array_equal(metrics.rgb_to_gray(g).numpy()[:, 0], np.arange(256))
-    prim = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
-    assert metrics.rgb_to_gray(prim).tolist() == [[76, 150, 29]]
+    rgb = np.random.default_rng(4).integers(0, 256, (301, 517, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(metrics.rgb_to_gray(rgb).numpy(), _metrics_opencv_gray(rgb))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +273,20 @@ def test_metrics_glcm_offsets_follow_scikit_image():
     assert len(set(metrics.glcm_offsets())) == 14  # 45° and 135° round to the same step at d = 1 and 2
 
 
+def test_metrics_glcm_matrices_are_scikit_image_graycomatrix():
+    from skimage.feature import graycomatrix
+
+    rng = np.random.default_rng(5)
+    photo = _metrics_opencv_gray(_metrics_photo("astronaut")) // 4
+    patches = [photo[:64, :64], photo[200:264, 300:364], rng.integers(0, 64, (64, 64), dtype=np.uint8),
+               np.full((64, 64), 63, np.uint8)]
+    for patch in patches:
+        ref = graycomatrix(patch, [1, 2, 3, 4], _METRICS_ANGLES, levels=64, symmetric=False, normed=True)
+        ours = metrics.glcm_matrices(torch.from_numpy(patch))
+        # Exact: the same integer counts, each divided once (IEEE, correctly rounded) by the same pair total.
+        np.testing.assert_array_equal(ours.numpy(), ref)
+
+
 @pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket", "retina"])
 def test_metrics_glcm_matches_scikit_image_on_photos(name):
     photo = _metrics_photo(name)
@@ -283,10 +300,15 @@ def test_metrics_glcm_matches_scikit_image_on_photos(name):
             rgb = photo[top : top + h, left : left + w]
             h, w = rgb.shape[:2]  # chelsea is only 300 high
             ref = _metrics_reference_patches(rgb, entropy)
-            ours = _metrics_ours_patches(rgb, entropy)
-            assert ours.shape == ref.shape == (h // 64, w // 64)
-            # Same values up to float64 summation order (~1e-15); the issue asks for ≤ 1e-9.
-            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+            plain = _metrics_ours_patches(rgb, entropy, plain=True)
+            fast = _metrics_ours_patches(rgb, entropy)
+            assert fast.shape == plain.shape == ref.shape == (h // 64, w // 64)
+            # The definition and the fast path against scikit-image and against each other: the same
+            # histograms, entropies summed in different orders (~1e-15); 1e-12 leaves room for other
+            # summation orders and is far below the paper's 4 decimals.
+            np.testing.assert_allclose(plain, ref, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-12)
             score = metrics.glcm_score(rgb, entropy=entropy)
             assert abs(score - ref.mean()) <= 1e-12
 
@@ -307,8 +329,11 @@ def test_metrics_glcm_flat_noise_and_blocky_images():
     blocky = np.repeat((np.concatenate(patches, axis=1) * 60)[..., None], 3, axis=2)  # (64, 1024, 3)
     for rgb in (flat, noise, blocky):
         for entropy in metrics.GLCM_ENTROPIES:
-            ours, ref = _metrics_ours_patches(rgb, entropy), _metrics_reference_patches(rgb, entropy)
-            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+            fast, ref = _metrics_ours_patches(rgb, entropy), _metrics_reference_patches(rgb, entropy)
+            plain = _metrics_ours_patches(rgb, entropy, plain=True)
+            # summation order only, as on the photos
+            np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-12)
     # Flat patch in closed form: 16 entries equal 1 (one full cell per slice), 65520 zeros.
     p = np.array([16, 65520]) / 65536
     assert abs(metrics.glcm_score(flat) - float(-(p * np.log2(p)).sum())) < 1e-12
@@ -331,7 +356,7 @@ def test_metrics_glcm_chunking_and_patch_layout():
     rgb = _metrics_photo("astronaut")[:256, :320]
     whole = _metrics_ours_patches(rgb)
     for chunk in (1, 3, 7, 100):  # chunks of patches give the same per-patch values
-        # up to summation order: a chunk's histogram width depends on its largest count
+        # up to summation order: a chunk's histogram has a column for every value of any of its patches
         np.testing.assert_allclose(_metrics_ours_patches(rgb, chunk=chunk), whole, rtol=0, atol=1e-14)
     # patch (i, j) is rows 64i.., columns 64j..
     np.testing.assert_allclose(_metrics_ours_patches(rgb[64:128, 192:256]), whole[1:2, 3:4], rtol=0, atol=1e-14)
@@ -458,7 +483,7 @@ def test_metrics_cli_folder_report_and_json(tmp_path):
     out = tmp_path / "out" / "metrics.json"
     proc = _metrics_cli(d, "--ref", ref_dir, "--json", out, check_rc=0)
     result = json.loads(out.read_text())  # valid JSON
-    assert not list(out.parent.glob(".*tmp"))  # the temporary file was renamed away
+    assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary file left beside it
     names = [r["file"] for r in result["images"]]
     assert names == ["astro.png", "g16.png", "gray.png", "palette.png", "rgba.png", "sub/coffee.jpg"]
     skipped = {s["file"]: s["reason"] for s in result["skipped"]}
@@ -470,13 +495,21 @@ def test_metrics_cli_folder_report_and_json(tmp_path):
     for name in ("corrupt.png", "notes.txt", "tiny.png", "rgba.png"):
         assert name in proc.stdout  # reported in the printed summary too
     rows = {r["file"]: r for r in result["images"]}
-    # Per-image values are the library's, on the documented conversions.
+    # Per-image values against the peers, on the documented conversions (tolerances as in the tests above).
+    from io import BytesIO
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
     for name, row in rows.items():
         rgb = metrics.load_image(d / name)
-        assert row["glcm"] == pytest.approx(metrics.glcm_score(rgb), abs=1e-12)
-        assert row["compression_ratio"] == pytest.approx(metrics.compression_ratio(rgb), rel=1e-12)
-    assert rows["astro.png"]["psnr"] == pytest.approx(metrics.psnr(astro, noisy), rel=1e-12)
-    assert rows["astro.png"]["ssim"] == pytest.approx(metrics.ssim(astro, noisy), rel=1e-12)
+        assert row["glcm"] == pytest.approx(_metrics_reference_patches(rgb).mean(), abs=1e-12)
+        buf = BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", quality=95)
+        assert row["jpeg_bytes"] == len(buf.getvalue())  # same encoder, same settings: same bytes
+        assert row["compression_ratio"] == pytest.approx(rgb.size / len(buf.getvalue()), rel=1e-12)
+    assert rows["astro.png"]["psnr"] == pytest.approx(peak_signal_noise_ratio(noisy, astro, data_range=255), rel=1e-12)
+    ssim = structural_similarity(astro, noisy, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=255, channel_axis=-1)
+    assert rows["astro.png"]["ssim"] == pytest.approx(ssim, rel=1e-10)
     assert "psnr" not in rows["rgba.png"]
     s = result["summary"]
     assert s["images"] == 6 and s["pairs"] == 1
@@ -488,7 +521,8 @@ def test_metrics_cli_folder_report_and_json(tmp_path):
     out2 = tmp_path / "crop.json"
     _metrics_cli(d / "sub", "--crop", 128, "--glcm-entropy", "haralick", "--json", out2, check_rc=0)
     row = json.loads(out2.read_text())["images"][0]
-    assert row["glcm"] == pytest.approx(metrics.glcm_score(d / "sub" / "coffee.jpg", crop=128, entropy="haralick"))
+    ref = _metrics_reference_patches(metrics.load_image(d / "sub" / "coffee.jpg")[:128, :128], "haralick")
+    assert row["glcm"] == pytest.approx(ref.mean(), abs=1e-12)
 
 
 def test_metrics_cli_bad_input_is_one_line(tmp_path, capsys):
@@ -574,8 +608,11 @@ def test_metrics_lpips_matches_its_definition(_metrics_lpips_files):
     assert ours.shape == (3,) and (ref > 0).all()
     # fp32 through 13 convs against an fp64 reference: ~1e-6 relative; 1e-5 leaves room for BLAS differences.
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
-    assert torch.equal(model(x, x), torch.zeros(3))  # identical images: exactly 0
-    torch.testing.assert_close(model(y, x), ours, rtol=1e-6, atol=0)  # symmetric
+    # Identical images: 0. The two halves of one batched VGG pass need not round alike at every batch
+    # position, which could leave fp32 noise of order 1e-14; a real distance here is ~0.1.
+    assert model(x, x).abs().max() <= 1e-10
+    # symmetric: the same features in swapped batch halves, so fp32 rounding of the sums only
+    torch.testing.assert_close(model(y, x), ours, rtol=1e-6, atol=0)
     # differentiable in the image, the network itself frozen
     xr = x.clone().requires_grad_(True)
     model(xr, y).sum().backward()
@@ -602,8 +639,9 @@ def test_metrics_lpips_on_images_and_cli(_metrics_lpips_files, tmp_path):
     _metrics_cli(d, "--ref", ref_dir, "--lpips", "--lpips-vgg", root / "vgg16-397923af.pth", "--lpips-heads",
                  root / "vgg.pth", "--device", "cpu", "--json", out, check_rc=0)
     result = json.loads(out.read_text())
-    assert result["images"][0]["lpips"] == pytest.approx(value, rel=1e-6)
-    assert result["summary"]["lpips_mean"] == pytest.approx(value, rel=1e-6)
+    # fp32 against the fp64 definition, as above
+    assert result["images"][0]["lpips"] == pytest.approx(ref.item(), rel=1e-5)
+    assert result["summary"]["lpips_mean"] == pytest.approx(ref.item(), rel=1e-5)
     assert result["settings"]["pair_metrics"] == ["psnr", "ssim", "nmse", "lpips"]
 
 
