@@ -165,16 +165,18 @@ def train(args) -> None:
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         vae.write_json(run / "args.json", {**vars(args), "world_size": world})
-    log = RunLog(run, rank, world, step, args)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    clip = args.max_grad_norm or float("inf")
-
     # Step s, rank r takes the stream positions (s·world + r)·B + i, i < B: one process with batch 2 sees what
     # two ranks with batch 1 see.
     b = args.batch_size
     loader = torch.utils.data.DataLoader(
         CropStream(files, args.resolution, args.seed), num_workers=args.workers, pin_memory=device.type == "cuda",
         batch_sampler=[[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)])
+    bar = tqdm(total=args.steps, initial=step, desc="sc-vae", unit="step", dynamic_ncols=True,
+               disable=rank != 0 or args.no_progress)
+    say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks, above the bar
+    tic, window = time.perf_counter(), 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    clip = args.max_grad_norm or float("inf")
 
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
@@ -205,21 +207,38 @@ def train(args) -> None:
             opt_d.zero_grad(set_to_none=True)
         step += 1
 
-        log.step(step, {**g, **d}, batch["skipped"], device)
-        periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)
-        stopping = args.stop_after is not None and step >= args.stop_after
-        if periodic or stopping:  # the last one too, so that a longer run can --resume from it
+        bar.update(1)
+        window += 1
+
+        if step % args.log_every == 0 or step == args.steps:  # the terms averaged over the ranks, and throughput
+            terms = {k: v.detach().float() for k, v in sorted({**g, **d}.items()) if k != "x_hat"}
+            values = torch.stack(list(terms.values()))
+            all_reduce_mean([values])
+            record = {"step": step, **dict(zip(terms, values.tolist())), "skipped_images": int(batch["skipped"].sum()),
+                      "images_per_s": window * args.batch_size * world / (time.perf_counter() - tic)}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if rank == 0:
-                log.print(f"saved {save_checkpoint(run, step, trained, ema, args.batch_size * world, args)}")
-            log.tic = time.perf_counter()  # saving is not training time
+                with open(run / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            shown = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
+                             if k in record)
+            say(f"step {step} {shown} {record['images_per_s']:.2f} img/s")
+            tic, window = time.perf_counter(), 0
+        stopping = args.stop_after is not None and step >= args.stop_after
+        # at the last step too, so that a longer run can --resume from it
+        if stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
+            if rank == 0:
+                say(f"saved {save_checkpoint(run, step, trained, ema, args.batch_size * world, args)}")
+            tic = time.perf_counter()  # saving is not training time
         if stopping and step < args.steps:
-            log.print(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
+            say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
             break
-    log.close()
+    bar.close()
     if step >= args.steps and rank == 0:
         paths = export_f16(m, ema, run, args.export_name)
-        print(f"exported the F16 autoencoder ({'EMA' if ema is not None else 'final'} decoder): {paths[0]} and {paths[1]}/",
-              flush=True)
+        print(f"exported the F16 autoencoder ({'EMA' if ema is not None else 'final'} decoder): "
+              f"{paths[0]} and {paths[1]}/", flush=True)
     dist.barrier()
 
 
@@ -257,22 +276,17 @@ def list_images(folder: Path, flag: str = "--data") -> list[Path]:
     return files
 
 
-def random_crop(path: Path, size: int, rng: random.Random) -> Tensor:
-    """A size×size crop at a random place, at the image's own resolution (the decoder must learn its finest
-    detail, so nothing is downscaled); images smaller than the crop are first upscaled (bicubic)."""
-    image = Image.fromarray(metrics.load_image(path))
+def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
     w, h = image.size
-    if min(w, h) < size:
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-        w, h = image.size
-    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    return metrics.image_to_tensor(image.crop((left, top, left + size, top + size)))[0]
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
 
 
 class CropStream(torch.utils.data.Dataset):
-    """Item p (a position in the endless sample stream): the crop of image stream[p] drawn from (seed, p).
-    An unreadable image is replaced by the next one in the list (deterministically) and counted."""
+    """Item p, a position in the endless sample stream: a size×size crop of image stream[p] at a place drawn
+    from (seed, p), at the image's own resolution (the decoder must learn its finest detail, so nothing is
+    downscaled; an image smaller than the crop is upscaled, bicubic). An unreadable image is replaced by the
+    next one in the list (deterministically) and counted."""
 
     def __init__(self, files: list[Path], size: int, seed: int):
         self.files, self.size, self.seed = files, size, seed
@@ -283,9 +297,15 @@ class CropStream(torch.utils.data.Dataset):
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
             try:
-                return {"image": random_crop(path, self.size, rng), "skipped": attempt}
+                image = Image.fromarray(metrics.load_image(path))
             except UNREADABLE as e:
                 print(f"skipped {path}: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+                continue
+            if min(image.size) < self.size:
+                image = resize_shorter_side(image, self.size, Image.Resampling.BICUBIC)
+            left, top = rng.randint(0, image.width - self.size), rng.randint(0, image.height - self.size)
+            crop = image.crop((left, top, left + self.size, top + self.size))
+            return {"image": metrics.image_to_tensor(crop)[0], "skipped": attempt}
         raise RuntimeError("no image in --data can be read")
 
 
@@ -316,47 +336,6 @@ def average_gradients(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Logging, checkpoints (with the EMA), the F16 export
-
-
-class RunLog:
-    """Rank 0's output: a progress bar (or plain lines), and log.jsonl with the terms of every --log-every-th
-    step averaged over the ranks, plus the throughput since the previous record."""
-
-    def __init__(self, run: Path, rank: int, world: int, step: int, args):
-        self.rank, self.world, self.args = rank, world, args
-        self.bar = tqdm(total=args.steps, initial=step, desc="sc-vae", unit="step", dynamic_ncols=True,
-                        disable=rank != 0 or args.no_progress)
-        self.file = open(run / "log.jsonl", "a") if rank == 0 else None
-        self.tic, self.window = time.perf_counter(), 0
-
-    def print(self, message: str) -> None:
-        if self.rank == 0:
-            tqdm.write(message)  # above the bar
-
-    def step(self, step: int, terms: dict[str, Tensor], skipped: Tensor, device: torch.device) -> None:
-        self.window += 1
-        if step % self.args.log_every == 0 or step == self.args.steps:
-            names = sorted(k for k in terms if k != "x_hat")
-            values = torch.stack([terms[k].detach().float() for k in names])
-            all_reduce_mean([values])
-            record = {"step": step, **{k: v.item() for k, v in zip(names, values)},
-                      "skipped_images": int(skipped.sum()),
-                      "images_per_s": self.window * self.args.batch_size * self.world / (time.perf_counter() - self.tic)}
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if self.rank == 0:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
-                text = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
-                                if k in record)
-                self.print(f"step {step} {text} {record['images_per_s']:.2f} img/s")
-            self.tic, self.window = time.perf_counter(), 0
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file:
-            self.file.close()
 
 
 def list_checkpoints(run: Path) -> list[Path]:
@@ -421,25 +400,14 @@ def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> list
 # --eval: Tables 4 / 8 of the paper
 
 
-def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (Lanczos; nothing when it already is) and take the centred square."""
-    h, w = rgb.shape[:2]
-    image = Image.fromarray(rgb)
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
-
-
 @torch.no_grad()
 def evaluate(args) -> None:
-    """PSNR / SSIM / NMSE / LPIPS of F8, F16 before and F16 after on every image under --eval: printed as a
-    table, and with --json written per image."""
+    """PSNR / SSIM / NMSE / LPIPS of F8, F16 before and F16 after on every image under --eval, as in Tables 4
+    and 8: the shorter side resized to --eval-size (Lanczos), the centre square encoded (posterior mean), decoded
+    (partitioned), rounded to 8 bits and compared with the input. Printed as a table; --json writes every row."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    root = Path(args.eval)
+    root, n = Path(args.eval), args.eval_size
     files = list_images(root, "--eval")[: args.eval_limit]
     trained = args.trained or (Path(args.out) / f"{args.export_name}.safetensors" if args.out else None)
     if trained is not None and not Path(trained).exists():
@@ -449,22 +417,27 @@ def evaluate(args) -> None:
                   "F16 before": vae.load_vae(args.vae, stride=2, device=device, dtype=dtype, config=args.config)}
         if trained is not None:
             models["F16 after"] = vae.load_vae(trained, device=device, dtype=dtype)
-            if models["F16 after"].params.stride != 2:
-                raise vae.UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
         raise vae.UserError(str(e)) from None
-    if args.eval_size % (factor := max(ae.factor for ae in models.values())):
+    if trained is not None and models["F16 after"].params.stride != 2:
+        raise vae.UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
+    if n % (factor := max(ae.factor for ae in models.values())):
         raise vae.UserError(f"--eval-size must be a multiple of {factor}")
+
     rows, skipped = {name: [] for name in models}, []
     for path in tqdm(files, desc="eval", unit="image", disable=args.no_progress, file=sys.stderr):
         try:
-            rgb = center_square(metrics.load_image(path), args.eval_size)
+            image = Image.fromarray(metrics.load_image(path))
         except UNREADABLE as e:
             skipped.append({"file": str(path), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
             continue
+        if min(image.size) != n:
+            image = resize_shorter_side(image, n, Image.Resampling.LANCZOS)
+        left, top = (image.width - n) // 2, (image.height - n) // 2
+        rgb = np.asarray(image.crop((left, top, left + n, top + n)))
         x = metrics.image_to_tensor(rgb).to(device, dtype)
-        for name, ae in models.items():  # posterior mean, partitioned decode, rounded to 8 bits
+        for name, ae in models.items():
             y = ae.decode(ae.encode(x)).float().clamp(-1, 1)
             rec = ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             rows[name].append({"file": path.relative_to(root).as_posix(), "psnr": metrics.psnr(rec, rgb),
@@ -475,17 +448,16 @@ def evaluate(args) -> None:
     summary = {name: {k: float(np.mean([r[k] for r in rs])) for k in ("psnr", "ssim", "nmse", "lpips")}
                for name, rs in rows.items()}
 
-    print(f"{len(rows['F8'])} image(s) at {args.eval_size}×{args.eval_size} (shorter side resized, centre square)")
+    print(f"{len(rows['F8'])} image(s) at {n}×{n} (shorter side resized, centre square)")
     print(f"{'autoencoder':<12} {'PSNR↑':>8} {'SSIM↑':>7} {'NMSE↓':>8} {'LPIPS↓':>7}")
     for name, v in summary.items():
         print(f"{name:<12} {v['psnr']:8.2f} {v['ssim']:7.4f} {v['nmse']:8.5f} {v['lpips']:7.4f}")
     for item in skipped:
         print(f"skipped {item['file']}: {item['reason']}")
     if args.json:
-        vae.write_json(Path(args.json), {
-            "settings": {"vae": str(args.vae), "trained": str(trained) if trained else None, "size": args.eval_size,
-                         "images": len(rows["F8"]), "precision": args.precision},
-            "summary": summary, "images": rows, "skipped": skipped})
+        settings = {"vae": str(args.vae), "trained": str(trained) if trained else None, "size": n,
+                    "images": len(rows["F8"]), "precision": args.precision}
+        vae.write_json(Path(args.json), {"settings": settings, "summary": summary, "images": rows, "skipped": skipped})
         print(f"wrote {args.json}")
 
 
