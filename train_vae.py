@@ -12,18 +12,17 @@ F16 (stride-2 first conv), and ONLY its decoder trains, so the latents stay the 
 The decoder minimizes Eq. 4 (L2 + scale consistency, Eq. 1 + LPIPS + an adaptively weighted GAN term)
 against a patch discriminator with the hinge loss.
 
-Departures from the authors' released code (see README), each for a reason:
+Departures from the authors' released code (also in README):
 - D returns logits; theirs ends in a sigmoid, which turns the hinge loss into a linear, saturating one.
 - x̂ is not clamped in the L2 term: a clamp has no gradient exactly where the decoder overshoots.
 - latents are the posterior mean (they sample), as the diffusion model's latents are encoded.
 - the gradient penalty is off by default (theirs: γ = 10, `--gp-weight 10`).
-- decoder and D both step on every batch (theirs alternate between batches, D seeing the previous x̂),
-  so that one batch is one complete step, which makes the run easy to split over GPUs and resume.
-- w is computed from gradients averaged over the ranks, so it is the global batch's w, not a per-GPU one.
+- decoder and D both step on every batch, as in taming-transformers (theirs alternate between batches,
+  D seeing the previous batch's x̂).
+- w comes from gradients averaged over the ranks: the global batch's w, not one per GPU.
 
-Determinism: sample order, crop offsets and D's initialization depend only on --seed and the position in
-the sample stream, so a run depends on the global batch, not on how it is split over GPUs, and --resume
-reproduces the uninterrupted run bit for bit.
+Determinism: sample order, crops and D's initialization depend only on --seed and the stream position, so
+a run depends on the global batch, not on its split over GPUs, and --resume continues it bit for bit.
 
 Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
 sample order), setup_distributed (torchrun or a 1-rank group), run_command (one-line user errors) and
@@ -115,17 +114,15 @@ def generator_losses(m: SCVAE, x: Tensor, args, adversarial: bool) -> dict[str, 
         _, f_t = m.teacher.decode(m.teacher.encode(x), return_feature=True, partitions=1)
     # partitions=1: a 512² crop needs no tiling of the last stage, and one conv is the plainest to differentiate
     x_hat, f_s = m.student.decode(z, return_feature=True, partitions=1)
-    out = {"x_hat": x_hat,
-           "l2": F.mse_loss(x_hat, x),
-           "sc": scale_consistency_loss(f_t, f_s),
+    out = {"x_hat": x_hat, "l2": F.mse_loss(x_hat, x), "sc": scale_consistency_loss(f_t, f_s),
            "lpips": m.lpips(x_hat, x).mean()}
     total = out["l2"] + args.lambda_sc * out["sc"] + args.lambda_lpips * out["lpips"]
     if adversarial:
         m.disc.requires_grad_(False)  # D is a fixed critic here; its own step comes next
         out["adv"] = -m.disc(x_hat).mean()
         m.disc.requires_grad_(True)
-        out["w"] = adaptive_weight(out["lpips"], out["adv"], m.student.decoder.conv_out.weight,
-                                   args.max_adaptive_weight)
+        last = m.student.decoder.conv_out.weight
+        out["w"] = adaptive_weight(out["lpips"], out["adv"], last, args.max_adaptive_weight)
         total = total + args.lambda_adv * out["w"] * out["adv"]
     out["total"] = total
     return out
@@ -149,32 +146,28 @@ def train(args) -> None:
     if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
         raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
     rank, world, device = setup_distributed(args.device)
-    run = Path(args.out)
-    files = list_images(Path(args.data))
+    run, files = Path(args.out), list_images(Path(args.data))
     m = load_models(args, device)
     if args.resolution % m.student.factor:
         raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
     decoder = list(m.student.decoder.parameters())
-    betas = (0.5, 0.9) if args.gan_betas else (0.9, 0.999)
-    opt_g = torch.optim.AdamW(decoder, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.disc_lr or args.lr, betas=betas,
-                              weight_decay=args.weight_decay)
+    adamw = {"betas": (0.5, 0.9) if args.gan_betas else (0.9, 0.999), "weight_decay": args.weight_decay}
+    opt_g = torch.optim.AdamW(decoder, lr=args.lr, **adamw)
+    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.disc_lr or args.lr, **adamw)
     ema = [p.detach().clone() for p in decoder] if args.ema > 0 else None
     trained = {"decoder": m.student.decoder, "disc": m.disc, "opt_g": opt_g, "opt_d": opt_d}  # what a checkpoint holds
-    step = resume(args, run, trained, ema, args.batch_size * world, rank)
+    say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
+    step = resume(args, run, trained, ema, args.batch_size * world, say)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         vae.write_json(run / "args.json", {**vars(args), "world_size": world})
-    # Step s, rank r takes the stream positions (s·world + r)·B + i, i < B: one process with batch 2 sees what
-    # two ranks with batch 1 see.
-    b = args.batch_size
-    loader = torch.utils.data.DataLoader(
-        CropStream(files, args.resolution, args.seed), num_workers=args.workers, pin_memory=device.type == "cuda",
-        batch_sampler=[[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)])
+    b = args.batch_size  # step s, rank r: stream positions (s·world + r)·b + i, so only the global batch matters
+    batches = [[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)]
+    loader = torch.utils.data.DataLoader(CropStream(files, args.resolution, args.seed), batch_sampler=batches,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=args.steps, initial=step, desc="sc-vae", unit="step", dynamic_ncols=True,
                disable=rank != 0 or args.no_progress)
-    say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks, above the bar
-    tic, window = time.perf_counter(), 0
+    tic, logged = time.perf_counter(), step
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     clip = args.max_grad_norm or float("inf")
 
@@ -191,9 +184,8 @@ def train(args) -> None:
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema, decoder):
-                    e.lerp_(p, 1 - args.ema)
+            for e, p in zip(ema, decoder):
+                e.lerp_(p.detach(), 1 - args.ema)
 
         # D's step, on the same batch and the x̂ of the step above
         d = {}
@@ -206,16 +198,14 @@ def train(args) -> None:
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1
-
         bar.update(1)
-        window += 1
 
         if step % args.log_every == 0 or step == args.steps:  # the terms averaged over the ranks, and throughput
             terms = {k: v.detach().float() for k, v in sorted({**g, **d}.items()) if k != "x_hat"}
             values = torch.stack(list(terms.values()))
             all_reduce_mean([values])
             record = {"step": step, **dict(zip(terms, values.tolist())), "skipped_images": int(batch["skipped"].sum()),
-                      "images_per_s": window * args.batch_size * world / (time.perf_counter() - tic)}
+                      "images_per_s": (step - logged) * args.batch_size * world / (time.perf_counter() - tic)}
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if rank == 0:
@@ -224,7 +214,7 @@ def train(args) -> None:
             shown = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
                              if k in record)
             say(f"step {step} {shown} {record['images_per_s']:.2f} img/s")
-            tic, window = time.perf_counter(), 0
+            tic, logged = time.perf_counter(), step
         stopping = args.stop_after is not None and step >= args.stop_after
         # at the last step too, so that a longer run can --resume from it
         if stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
@@ -236,9 +226,7 @@ def train(args) -> None:
             break
     bar.close()
     if step >= args.steps and rank == 0:
-        paths = export_f16(m, ema, run, args.export_name)
-        print(f"exported the F16 autoencoder ({'EMA' if ema is not None else 'final'} decoder): "
-              f"{paths[0]} and {paths[1]}/", flush=True)
+        export_f16(m, ema, run, args.export_name)
     dist.barrier()
 
 
@@ -249,10 +237,8 @@ def load_models(args, device: torch.device) -> SCVAE:
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
         raise vae.UserError(str(e)) from None
-    teacher.requires_grad_(False).eval()
-    lpips.requires_grad_(False).eval()
-    student.requires_grad_(False)
-    student.decoder.requires_grad_(True)
+    for frozen in (teacher, lpips, student.encoder):  # only the student's decoder trains
+        frozen.requires_grad_(False).eval()
     torch.manual_seed(args.seed)  # D's initialization (and its spectral-norm vectors) are the same on every rank
     return SCVAE(teacher, student, Discriminator(tuple(args.disc_channels)).to(device), lpips)
 
@@ -261,8 +247,7 @@ def load_models(args, device: torch.device) -> SCVAE:
 # Data: every image under a folder (recursively), random crops at native resolution, the sample stream
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-# What metrics.load_image raises for a file it cannot read (PIL's UnidentifiedImageError is an OSError), and
-# PIL's refusal of a gigantic image: such files are skipped, in training and in --eval.
+# Skipped files, in training and --eval: what metrics.load_image raises, and PIL's refusal of gigantic images
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
@@ -283,10 +268,9 @@ def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resamplin
 
 
 class CropStream(torch.utils.data.Dataset):
-    """Item p, a position in the endless sample stream: a size×size crop of image stream[p] at a place drawn
-    from (seed, p), at the image's own resolution (the decoder must learn its finest detail, so nothing is
-    downscaled; an image smaller than the crop is upscaled, bicubic). An unreadable image is replaced by the
-    next one in the list (deterministically) and counted."""
+    """Item p of the endless sample stream: a size×size crop of image stream[p], placed by (seed, p), at the image's
+    own resolution (the decoder must learn the finest detail; only images smaller than the crop are resized, up,
+    bicubic). An unreadable image is replaced by the next one in the list (deterministically) and counted."""
 
     def __init__(self, files: list[Path], size: int, seed: int):
         self.files, self.size, self.seed = files, size, seed
@@ -316,14 +300,11 @@ class CropStream(torch.utils.data.Dataset):
 
 def all_reduce_mean(tensors: list[Tensor]) -> None:
     """In place: each tensor becomes its mean over the ranks (one all-reduce of a flat buffer)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(v.view_as(t))
+    if dist.is_initialized() and (world := dist.get_world_size()) > 1:
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, v in zip(tensors, (flat / world).split([t.numel() for t in tensors])):
+            t.copy_(v.view_as(t))
 
 
 def average_gradients(module: nn.Module) -> None:
@@ -335,7 +316,7 @@ def average_gradients(module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Logging, checkpoints (with the EMA), the F16 export
+# Checkpoints (with the EMA), the F16 export
 
 
 def list_checkpoints(run: Path) -> list[Path]:
@@ -344,8 +325,7 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def save_checkpoint(run: Path, step: int, trained: dict, ema: list[Tensor] | None, global_batch: int, args) -> Path:
-    """checkpoints/step-N.pt (decoder, D, both optimizers, EMA), written atomically; the older ones beyond
-    --keep-checkpoints go."""
+    """checkpoints/step-N.pt (decoder, D, both optimizers, EMA), atomically; the oldest beyond --keep-checkpoints go."""
     state = {"step": step, "global_batch": global_batch, "ema": ema, **{k: v.state_dict() for k, v in trained.items()}}
     path = run / "checkpoints" / f"step-{step:08d}.pt"
     vae.atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -354,17 +334,15 @@ def save_checkpoint(run: Path, step: int, trained: dict, ema: list[Tensor] | Non
     return path
 
 
-def resume(args, run: Path, trained: dict, ema: list[Tensor] | None, global_batch: int, rank: int) -> int:
-    """--resume: restore what save_checkpoint wrote, from the file it names or (no value) the newest checkpoint
-    under --out; returns the step to continue from (0: none). The sample stream is cut into global batches, so
-    resuming with another global batch would replay or skip data: refused."""
+def resume(args, run: Path, trained: dict, ema: list[Tensor] | None, global_batch: int, say) -> int:
+    """--resume: restore the checkpoint it names, or (no value) the newest under --out; returns its step (0: none).
+    Another global batch would cut the sample stream differently (replaying or skipping data): refused."""
     if args.resume is None:
         return 0
     path = Path(args.resume)
     if args.resume == "latest":
         if not (found := list_checkpoints(run)):
-            if rank == 0:
-                print(f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
+            say(f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
             return 0
         path = found[-1]
     elif not path.is_file():
@@ -377,23 +355,20 @@ def resume(args, run: Path, trained: dict, ema: list[Tensor] | None, global_batc
         v.load_state_dict(state[k])
     for e, v in zip(ema or [], state["ema"] or []):
         e.copy_(v)
-    if rank == 0:
-        print(f"resumed from {path} at step {state['step']}")
+    say(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 
-def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> list[Path]:
-    """The student, i.e. the trained F16 autoencoder (frozen encoder + the EMA decoder, or the last one without
-    EMA), as an official-layout file with stride 2 in its metadata and as a diffusers vae/ folder with
-    "stride": 2; both load with vae.load_vae. Training is over, so the EMA may overwrite the weights."""
+def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None:
+    """The student (pretrained encoder + EMA decoder) as an official-layout file and a diffusers vae/ folder, both
+    with stride 2 in their config, both for vae.load_vae. Training is over, so the EMA may overwrite the weights."""
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(m.student.decoder.parameters(), ema):
                 p.copy_(e)
-    paths = [run / f"{name}.safetensors", run / name]
-    for path in paths:
+    for path in (run / f"{name}.safetensors", run / name):
         vae.save_vae(m.student, path)
-    return paths
+    print(f"exported {run / name}.safetensors and {run / name}/ ({'EMA' if ema is not None else 'last'} decoder)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,8 +447,8 @@ def _channels(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__[: __doc__.index("The models:")].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="the official F8 autoencoder: Flux ae.safetensors, an SD3 checkpoint "
-                   "or a diffusers vae/ folder (teacher, and the student's starting point)")
+    p.add_argument("--vae", required=True, help="the official F8 autoencoder (teacher, and the student's start): "
+                   "Flux ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder")
     p.add_argument("--config", choices=["flux", "sd3"], help="latent scale/shift (default: from the file)")
     p.add_argument("--data", help="training images, searched recursively (the authors: SA-1B)")
     p.add_argument("--out", help="run folder: checkpoints/, log.jsonl, args.json, vae-f16.safetensors, vae-f16/")
@@ -490,19 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-adv", type=float, default=0.05, help="weight of the adaptive adversarial loss (0: no GAN)")
     p.add_argument("--max-adaptive-weight", type=float, default=1e4, help="clamp of the adaptive weight w")
     p.add_argument("--disc-start", type=int, default=0, help="step from which D trains and L_adv counts")
-    p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512],
-                   help="widths of D's stride-2 convs (default 64,128,256,512,512,512)")
+    p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512], help="widths of D's convs")
     p.add_argument("--gp-weight", type=float, default=0.0, help="gradient penalty γ on real images (the authors: 10)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the decoder; the export uses the EMA (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the exported decoder (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="compute dtype (bf16 autocast; weights and optimizer stay fp32). The paper: fp32")
     p.add_argument("--lpips-vgg", help="torchvision's vgg16-397923af.pth (default: the torch hub cache)")
-    p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth (default: the torch hub cache or an installed lpips "
-                   "package)")
+    p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth (default: the torch hub cache, an installed lpips)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint file, or (no value) from "
-                   "the newest one under --out, if any")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint (no value: --out's newest)")
     p.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
     p.add_argument("--export-name", default="vae-f16", help="name of the exported autoencoder under --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, crops and D's initialization")
