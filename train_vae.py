@@ -7,30 +7,26 @@ quality of the official F8 one, while the latent space the diffusion model knows
     python train_vae.py --vae ae.safetensors --trained runs/scvae/vae-f16.safetensors --eval Aesthetic-Eval/ \\
         --eval-size 2048
 
-The models:
-    teacher T  the official autoencoder (F8), frozen
-    student S  the same weights as F16 (the encoder's first conv runs with stride 2); ONLY S.decoder trains,
-               so S.encode is the pretrained F16 encoder forever and the latents stay compatible (Eq. 4)
-    D          a patch discriminator (spectral-normalized stride-2 convs), trained in alternation with S
+The models: the teacher is the official autoencoder (F8), frozen; the student is the same weights run as
+F16 (stride-2 first conv), and ONLY its decoder trains, so the latents stay the pretrained F16 encoder's.
+The decoder minimizes Eq. 4 (L2 + scale consistency, Eq. 1 + LPIPS + an adaptively weighted GAN term)
+against a patch discriminator with the hinge loss.
 
-One step on a batch x of random crops (in [−1, 1]):
-    x̂, f_S = S.decode(S.encode(x))       f_S = swish(norm_out(·)), the decoder's penultimate feature, at H/2
-    _,  f_T = T.decode(T.encode(x))       the teacher's, at H
-    L_S = ‖x̂ − x‖²  +  λ_sc·‖f_T − up₂(f_S)‖²  +  λ_lpips·LPIPS(x̂, x)  +  λ_adv·w·(−mean D(x̂))
-          (mean squared errors; the second term is Eq. 1, up₂ = nearest ×2; the sum is Eq. 4)
-    w   = ‖∇_{G_L} LPIPS‖ / max(‖∇_{G_L} L_adv‖, 1e-8), clamped to ≤ 1e4 and detached, G_L = decoder.conv_out.weight
-          (the adaptive weight of taming-transformers; we average both gradients over the ranks first, so w is
-          the one of the global batch)
-    L_D = mean(relu(1 − D(x))) + mean(relu(1 + D(x̂)))  [+ γ·mean((‖∇ₓD(x)‖₂ − 1)²), --gp-weight γ]
+Departures from the authors' released code (also in README):
+- D returns logits; theirs ends in a sigmoid, which turns the hinge loss into a linear, saturating one.
+- x̂ is not clamped in the L2 term: a clamp has no gradient exactly where the decoder overshoots.
+- latents are the posterior mean (they sample), as the diffusion model's latents are encoded.
+- the gradient penalty is off by default (theirs: γ = 10, `--gp-weight 10`).
+- decoder and D both step on every batch, as in taming-transformers (theirs alternate between batches,
+  D seeing the previous batch's x̂).
+- w comes from gradients averaged over the ranks: the global batch's w, not one per GPU.
 
-Departures from the authors' released code (see README): D returns logits (theirs ends in a sigmoid, which
-turns the hinge loss into a linear one); x̂ is not clamped in the L2 term (a clamp stops the gradient exactly
-where the decoder overshoots); latents are the posterior mean (they sample); the gradient penalty is off by
-default (theirs: γ = 10); decoder and D both step on every batch (theirs alternate between batches).
+Determinism: sample order, crops and D's initialization depend only on --seed and the stream position, so
+a run depends on the global batch, not on its split over GPUs, and --resume continues it bit for bit.
 
-Determinism: sample order, crop offsets and discriminator initialization depend only on --seed and the
-position in the sample stream, so a run depends on the global batch, not on how it is split over GPUs, and
---resume reproduces the uninterrupted run bit for bit.
+Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
+sample order), setup_distributed (torchrun or a 1-rank group), run_command (one-line user errors) and
+positive_int (argument check); metrics' image reader, LPIPS and the reconstruction metrics.
 """
 import argparse
 import json
@@ -38,6 +34,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,80 +42,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import metrics
 import vae
 from train_wlf import SampleStream, positive_int, run_command, setup_distributed
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: every image under a folder (recursively), random crops at native resolution
+# SC-VAE: the losses (Eq. 1, Eq. 4), the discriminator, the training loop
 
 
-def list_images(folder: Path, flag: str = "--data") -> list[Path]:
-    """Every image file under `folder`, recursively, sorted; vae.UserError (naming `flag`) if there is none."""
-    if not folder.is_dir():
-        raise vae.UserError(f"{flag} {folder}: no such directory")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise vae.UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
-    return files
-
-
-def random_crop(path: Path, size: int, rng: random.Random) -> Tensor:
-    """A size×size crop at a random place, at the image's own resolution (the decoder must learn its finest
-    detail, so nothing is downscaled); images smaller than the crop are first upscaled (bicubic)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")  # forces the full decode: truncated files fail here
-    w, h = image.size
-    if min(w, h) < size:
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-        w, h = image.size
-    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    return metrics.image_to_tensor(image.crop((left, top, left + size, top + size)))[0]
-
-
-class CropStream(torch.utils.data.Dataset):
-    """Item p (a position in the endless sample stream): the crop of image stream[p] drawn from (seed, p).
-    An unreadable image is replaced by the next one in the list (deterministically) and counted."""
-
-    def __init__(self, files: list[Path], size: int, seed: int):
-        self.files, self.size, self.seed = files, size, seed
-        self.stream = SampleStream(len(files), seed)
-
-    def __getitem__(self, position: int) -> dict:
-        index, rng = self.stream[position], random.Random(f"{self.seed}/{position}")
-        for attempt in range(len(self.files)):
-            try:
-                path = self.files[(index + attempt) % len(self.files)]
-                return {"image": random_crop(path, self.size, rng), "skipped": attempt}
-            except Exception as e:  # unreadable, truncated, not an image, ...
-                print(f"skipped {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                      file=sys.stderr)
-        raise RuntimeError("no image in --data can be read")
-
-
-class StepBatches:
-    """Batches of stream positions for one rank: step s, rank r takes positions
-    s·B·world + r·B + (0 .. B−1) — so one process with batch 2 sees what two ranks with batch 1 see."""
-
-    def __init__(self, start_step: int, steps: int, batch: int, rank: int, world: int):
-        self.start, self.steps, self.batch, self.rank, self.world = start_step, steps, batch, rank, world
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            first = (step * self.world + self.rank) * self.batch
-            yield list(range(first, first + self.batch))
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The discriminator and the losses
+def scale_consistency_loss(teacher_feature: Tensor, student_feature: Tensor) -> Tensor:
+    """Eq. 1: MSE between the F8 teacher's penultimate decoder feature (B, C, H, W) and the F16 student's
+    (B, C, H/2, W/2) brought to H by nearest ×2 upsampling. Both are swish(norm_out(·)), before conv_out."""
+    up = F.interpolate(student_feature, size=teacher_feature.shape[-2:], mode="nearest")
+    return F.mse_loss(up, teacher_feature)
 
 
 class Discriminator(nn.Module):
@@ -151,92 +90,46 @@ def gradient_penalty(real_logits: Tensor, real: Tensor) -> Tensor:
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
-def scale_consistency_loss(teacher_feature: Tensor, student_feature: Tensor) -> Tensor:
-    """Eq. 1: MSE between the F8 teacher's penultimate feature (B, C, H, W) and the F16 student's (B, C, H/2, W/2)
-    brought to H by nearest ×2 upsampling."""
-    up = F.interpolate(student_feature, size=teacher_feature.shape[-2:], mode="nearest")
-    return F.mse_loss(up, teacher_feature)
-
-
-def adaptive_weight(perceptual: Tensor, adversarial: Tensor, last_layer: Tensor, max_weight: float = 1e4,
-                    average=None) -> Tensor:
-    """w = ‖∇ perceptual‖ / max(‖∇ adversarial‖, 1e-8) w.r.t. the decoder's last weight, clamped, detached.
-    `average(tensor)`, if given, averages a gradient over the ranks (the global batch's w)."""
+def adaptive_weight(perceptual: Tensor, adversarial: Tensor, last_layer: Tensor, max_weight: float) -> Tensor:
+    """w = ‖∇ perceptual‖ / max(‖∇ adversarial‖, 1e-8) w.r.t. the decoder's last weight, clamped to
+    ≤ max_weight and detached: the GAN term gets the perceptual term's gradient scale at the output."""
     (g_p,) = torch.autograd.grad(perceptual, last_layer, retain_graph=True)
     (g_a,) = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
-    if average is not None:
-        g_p, g_a = average(torch.stack([g_p, g_a])).unbind()
+    all_reduce_mean([g_p, g_a])  # the global batch's w: a per-rank w would make the run depend on the split
     return (g_p.norm() / g_a.norm().clamp_min(1e-8)).clamp(max=max_weight).detach()
 
 
-def all_reduce_mean(tensors: list[Tensor]) -> None:
-    """In place: each tensor becomes its mean over the ranks (one all-reduce of a flat buffer)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(v.view_as(t))
-
-
-def _averaged(t: Tensor) -> Tensor:
-    t = t.clone()
-    all_reduce_mean([t])
-    return t
-
-
-def average_gradients(module: nn.Module) -> None:
-    """Data parallelism by hand: the decoder and D are small, and the gradient penalty's double backward and
-    the adaptive weight's partial gradients are simpler without a DDP wrapper."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    all_reduce_mean([p.grad for p in params])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The SC-VAE step
-
-
-class SCVAE(nn.Module):
-    """Teacher (F8, frozen), student (F16, only the decoder trains), discriminator, frozen LPIPS."""
-
-    def __init__(self, teacher: vae.AutoEncoder, student: vae.AutoEncoder, disc: Discriminator, lpips: metrics.LPIPS):
-        super().__init__()
-        self.teacher, self.student, self.disc, self.lpips = teacher, student, disc, lpips
-        teacher.requires_grad_(False).eval()
-        lpips.requires_grad_(False).eval()
-        student.requires_grad_(False)
-        student.decoder.requires_grad_(True)
+class SCVAE(NamedTuple):
+    teacher: vae.AutoEncoder  # F8, frozen
+    student: vae.AutoEncoder  # F16: only its decoder trains
+    disc: Discriminator
+    lpips: metrics.LPIPS  # frozen
 
 
 def generator_losses(m: SCVAE, x: Tensor, args, adversarial: bool) -> dict[str, Tensor]:
-    """All terms of L_S (Eq. 4) for the batch x; "total" is what the decoder minimizes. Also returns x̂."""
+    """All terms of L_S (Eq. 4) for the batch x in [−1, 1]; "total" is what the decoder minimizes:
+    L2(x̂, x) + λ_sc·L_sc + λ_lpips·LPIPS(x̂, x) + λ_adv·w·(−mean D(x̂)). Also returns x̂ for D's step."""
     with torch.no_grad():
-        z_s = m.student.encode(x)  # frozen encoder: the latent space of the diffusion model
+        z = m.student.encode(x)  # the frozen F16 encoder: the latent space of the diffusion model
         _, f_t = m.teacher.decode(m.teacher.encode(x), return_feature=True, partitions=1)
-    x_hat, f_s = m.student.decode(z_s, return_feature=True, partitions=1)
-    out = {"x_hat": x_hat,
-           "l2": F.mse_loss(x_hat, x),
-           "sc": scale_consistency_loss(f_t, f_s),
+    # partitions=1: a 512² crop needs no tiling of the last stage, and one conv is the plainest to differentiate
+    x_hat, f_s = m.student.decode(z, return_feature=True, partitions=1)
+    out = {"x_hat": x_hat, "l2": F.mse_loss(x_hat, x), "sc": scale_consistency_loss(f_t, f_s),
            "lpips": m.lpips(x_hat, x).mean()}
     total = out["l2"] + args.lambda_sc * out["sc"] + args.lambda_lpips * out["lpips"]
     if adversarial:
         m.disc.requires_grad_(False)  # D is a fixed critic here; its own step comes next
         out["adv"] = -m.disc(x_hat).mean()
         m.disc.requires_grad_(True)
-        average = _averaged if dist.is_initialized() and dist.get_world_size() > 1 else None
-        out["w"] = adaptive_weight(out["lpips"], out["adv"], m.student.decoder.conv_out.weight,
-                                   args.max_adaptive_weight, average)
+        last = m.student.decoder.conv_out.weight
+        out["w"] = adaptive_weight(out["lpips"], out["adv"], last, args.max_adaptive_weight)
         total = total + args.lambda_adv * out["w"] * out["adv"]
     out["total"] = total
     return out
 
 
 def discriminator_loss(m: SCVAE, x: Tensor, x_hat: Tensor, gp_weight: float) -> dict[str, Tensor]:
+    """Hinge loss on real x and fake x̂ (+ γ·gradient penalty on the real images); "d_total" is minimized."""
     real = x.detach().requires_grad_(gp_weight > 0)
     logits = m.disc(torch.cat([real, x_hat.detach()]))  # one pass: InstanceNorm is per sample
     real_logits, fake_logits = logits.chunk(2)
@@ -249,28 +142,181 @@ def discriminator_loss(m: SCVAE, x: Tensor, x_hat: Tensor, gp_weight: float) -> 
     return out
 
 
-@torch.no_grad()
-def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
-    torch._foreach_lerp_(ema, params, 1 - decay)
+def train(args) -> None:
+    if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
+        raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
+    rank, world, device = setup_distributed(args.device)
+    run, files = Path(args.out), list_images(Path(args.data))
+    m = load_models(args, device)
+    if args.resolution % m.student.factor:
+        raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
+    decoder = list(m.student.decoder.parameters())
+    adamw = {"betas": (0.5, 0.9) if args.gan_betas else (0.9, 0.999), "weight_decay": args.weight_decay}
+    opt_g = torch.optim.AdamW(decoder, lr=args.lr, **adamw)
+    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.disc_lr or args.lr, **adamw)
+    ema = [p.detach().clone() for p in decoder] if args.ema > 0 else None
+    trained = {"decoder": m.student.decoder, "disc": m.disc, "opt_g": opt_g, "opt_d": opt_d}  # what a checkpoint holds
+    say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
+    step = resume(args, run, trained, ema, args.batch_size * world, say)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        vae.write_json(run / "args.json", {**vars(args), "world_size": world})
+    b = args.batch_size  # step s, rank r: stream positions (s·world + r)·b + i, so only the global batch matters
+    batches = [[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)]
+    loader = torch.utils.data.DataLoader(CropStream(files, args.resolution, args.seed), batch_sampler=batches,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=args.steps, initial=step, desc="sc-vae", unit="step", dynamic_ncols=True,
+               disable=rank != 0 or args.no_progress)
+    tic, logged = time.perf_counter(), step
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    clip = args.max_grad_norm or float("inf")
 
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        adversarial = step >= args.disc_start and args.lambda_adv > 0
 
-# ---------------------------------------------------------------------------------------------------------
-# Building, checkpoints, export
+        # The decoder's step (Eq. 4)
+        with autocast:
+            g = generator_losses(m, x, args, adversarial)
+        g["total"].backward()
+        average_gradients(m.student.decoder)
+        g["grad_norm"] = nn.utils.clip_grad_norm_(decoder, clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        if ema is not None:
+            for e, p in zip(ema, decoder):
+                e.lerp_(p.detach(), 1 - args.ema)
+
+        # D's step, on the same batch and the x̂ of the step above
+        d = {}
+        if adversarial:
+            with autocast:
+                d = discriminator_loss(m, x, g["x_hat"], args.gp_weight)
+            d["d_total"].backward()
+            average_gradients(m.disc)
+            nn.utils.clip_grad_norm_(m.disc.parameters(), clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:  # the terms averaged over the ranks, and throughput
+            terms = {k: v.detach().float() for k, v in sorted({**g, **d}.items()) if k != "x_hat"}
+            values = torch.stack(list(terms.values()))
+            all_reduce_mean([values])
+            record = {"step": step, **dict(zip(terms, values.tolist())), "skipped_images": int(batch["skipped"].sum()),
+                      "images_per_s": (step - logged) * args.batch_size * world / (time.perf_counter() - tic)}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if rank == 0:
+                with open(run / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            shown = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
+                             if k in record)
+            say(f"step {step} {shown} {record['images_per_s']:.2f} img/s")
+            tic, logged = time.perf_counter(), step
+        stopping = args.stop_after is not None and step >= args.stop_after
+        # at the last step too, so that a longer run can --resume from it
+        if stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
+            if rank == 0:
+                say(f"saved {save_checkpoint(run, step, trained, ema, args.batch_size * world, args)}")
+            tic = time.perf_counter()  # saving is not training time
+        if stopping and step < args.steps:
+            say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
+            break
+    bar.close()
+    if step >= args.steps and rank == 0:
+        export_f16(m, ema, run, args.export_name)
+    dist.barrier()
 
 
 def load_models(args, device: torch.device) -> SCVAE:
-    try:
+    try:  # the loaders' messages name the file and what is wrong with it
         teacher = vae.load_vae(args.vae, stride=1, device=device, dtype=torch.float32, config=args.config)
         student = vae.load_vae(args.vae, stride=2, device=device, dtype=torch.float32, config=args.config)
-    except (OSError, ValueError) as e:
-        raise vae.UserError(f"cannot load the autoencoder: {e}") from None
-    try:
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
         raise vae.UserError(str(e)) from None
+    for frozen in (teacher, lpips, student.encoder):  # only the student's decoder trains
+        frozen.requires_grad_(False).eval()
     torch.manual_seed(args.seed)  # D's initialization (and its spectral-norm vectors) are the same on every rank
-    disc = Discriminator(tuple(args.disc_channels)).to(device)
-    return SCVAE(teacher, student, disc, lpips)
+    return SCVAE(teacher, student, Discriminator(tuple(args.disc_channels)).to(device), lpips)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: every image under a folder (recursively), random crops at native resolution, the sample stream
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Skipped files, in training and --eval: what metrics.load_image raises, and PIL's refusal of gigantic images
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def list_images(folder: Path, flag: str = "--data") -> list[Path]:
+    """Every image file under `folder`, recursively, sorted; vae.UserError (naming `flag`) if there is none."""
+    if not folder.is_dir():
+        raise vae.UserError(f"{flag} {folder}: no such directory")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise vae.UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return files
+
+
+def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+
+
+class CropStream(torch.utils.data.Dataset):
+    """Item p of the endless sample stream: a size×size crop of image stream[p], placed by (seed, p), at the image's
+    own resolution (the decoder must learn the finest detail; only images smaller than the crop are resized, up,
+    bicubic). An unreadable image is replaced by the next one in the list (deterministically) and counted."""
+
+    def __init__(self, files: list[Path], size: int, seed: int):
+        self.files, self.size, self.seed = files, size, seed
+        self.stream = SampleStream(len(files), seed)
+
+    def __getitem__(self, position: int) -> dict:
+        index, rng = self.stream[position], random.Random(f"{self.seed}/{position}")
+        for attempt in range(len(self.files)):
+            path = self.files[(index + attempt) % len(self.files)]
+            try:
+                image = Image.fromarray(metrics.load_image(path))
+            except UNREADABLE as e:
+                print(f"skipped {path}: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+                continue
+            if min(image.size) < self.size:
+                image = resize_shorter_side(image, self.size, Image.Resampling.BICUBIC)
+            left, top = rng.randint(0, image.width - self.size), rng.randint(0, image.height - self.size)
+            crop = image.crop((left, top, left + self.size, top + self.size))
+            return {"image": metrics.image_to_tensor(crop)[0], "skipped": attempt}
+        raise RuntimeError("no image in --data can be read")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data parallelism by hand: the decoder and D are small, and the gradient penalty's double backward and the
+# adaptive weight's partial gradients are simpler without a DDP wrapper
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> None:
+    """In place: each tensor becomes its mean over the ranks (one all-reduce of a flat buffer)."""
+    if dist.is_initialized() and (world := dist.get_world_size()) > 1:
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, v in zip(tensors, (flat / world).split([t.numel() for t in tensors])):
+            t.copy_(v.view_as(t))
+
+
+def average_gradients(module: nn.Module) -> None:
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank must contribute the same buffer layout
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean([p.grad for p in params])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints (with the EMA), the F16 export
 
 
 def list_checkpoints(run: Path) -> list[Path]:
@@ -278,198 +324,65 @@ def list_checkpoints(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem[5:]))
 
 
-def save_checkpoint(run: Path, state: dict, keep: int) -> Path:
-    """Rank 0 writes checkpoints/step-N.pt through a temporary file; the older ones beyond `keep` go."""
-    path = run / "checkpoints" / f"step-{state['step']:08d}.pt"
+def save_checkpoint(run: Path, step: int, trained: dict, ema: list[Tensor] | None, global_batch: int, args) -> Path:
+    """checkpoints/step-N.pt (decoder, D, both optimizers, EMA), atomically; the oldest beyond --keep-checkpoints go."""
+    state = {"step": step, "global_batch": global_batch, "ema": ema, **{k: v.state_dict() for k, v in trained.items()}}
+    path = run / "checkpoints" / f"step-{step:08d}.pt"
     vae.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in list_checkpoints(run)[:-keep]:
+    for old in list_checkpoints(run)[: -args.keep_checkpoints]:
         old.unlink(missing_ok=True)
     return path
 
 
-def decoder_weights(m: SCVAE, ema: list[Tensor] | None) -> dict[str, Tensor]:
-    """The decoder's state dict, with the EMA weights in place of the parameters when there is an EMA."""
-    state = {k: v.detach().clone() for k, v in m.student.decoder.state_dict().items()}
+def resume(args, run: Path, trained: dict, ema: list[Tensor] | None, global_batch: int, say) -> int:
+    """--resume: restore the checkpoint it names, or (no value) the newest under --out; returns its step (0: none).
+    Another global batch would cut the sample stream differently (replaying or skipping data): refused."""
+    if args.resume is None:
+        return 0
+    path = Path(args.resume)
+    if args.resume == "latest":
+        if not (found := list_checkpoints(run)):
+            say(f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
+            return 0
+        path = found[-1]
+    elif not path.is_file():
+        raise vae.UserError(f"--resume {path}: no such checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves it to the models' device
+    if state["global_batch"] != global_batch:
+        raise vae.UserError(f"{path} was trained with a global batch of {state['global_batch']}, this run has "
+                            f"{global_batch}; keep --batch-size × GPUs the same to resume")
+    for k, v in trained.items():
+        v.load_state_dict(state[k])
+    for e, v in zip(ema or [], state["ema"] or []):
+        e.copy_(v)
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None:
+    """The student (pretrained encoder + EMA decoder) as an official-layout file and a diffusers vae/ folder, both
+    with stride 2 in their config, both for vae.load_vae. Training is over, so the EMA may overwrite the weights."""
     if ema is not None:
-        names = [n for n, _ in m.student.decoder.named_parameters()]
-        state.update({n: e.detach().clone() for n, e in zip(names, ema)})
-    return state
-
-
-def export_f16(m: SCVAE, decoder_state: dict[str, Tensor], run: Path, name: str) -> list[Path]:
-    """The trained F16 autoencoder (frozen encoder + trained decoder) as an official-layout file with stride 2
-    in its metadata, and as a diffusers vae/ folder with "stride": 2 — both load with vae.load_vae."""
-    with torch.device("meta"):
-        ae = vae.AutoEncoder(m.student.params)
-    ae.encoder.load_state_dict({k: v.detach().cpu() for k, v in m.student.encoder.state_dict().items()}, assign=True)
-    ae.decoder.load_state_dict({k: v.cpu() for k, v in decoder_state.items()}, assign=True)
-    paths = [run / f"{name}.safetensors", run / name]
-    for path in paths:
-        vae.save_vae(ae, path)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
-
-
-def _log(rank: int, message: str, progress=None) -> None:
-    if rank == 0:
-        (progress.write if progress else print)(message)
-
-
-def train(args) -> None:
-    rank, world, device = setup_distributed(args.device)
-    run = Path(args.out)
-    files = list_images(Path(args.data))
-    resume = None
-    if args.resume is not None:
-        if args.resume != "latest":
-            resume = Path(args.resume)
-            if not resume.is_file():
-                raise vae.UserError(f"--resume {resume}: no such checkpoint file")
-        elif found := list_checkpoints(run):
-            resume = found[-1]
-        else:
-            _log(rank, f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
-    m = load_models(args, device)
-    if args.resolution % m.student.factor:
-        raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
-    decoder_params = list(m.student.decoder.parameters())
-    opt_g = torch.optim.AdamW(decoder_params, lr=args.lr, betas=(0.5, 0.9) if args.gan_betas else (0.9, 0.999),
-                              weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.disc_lr or args.lr,
-                              betas=(0.5, 0.9) if args.gan_betas else (0.9, 0.999), weight_decay=args.weight_decay)
-    ema = [p.detach().clone() for p in decoder_params] if args.ema > 0 else None
-    step = 0
-    if resume is not None:
-        state = torch.load(resume, map_location=device, weights_only=True)
-        if state["global_batch"] != args.batch_size * world:
-            raise vae.UserError(f"{resume} was trained with a global batch of {state['global_batch']}, this run has "
-                            f"{args.batch_size * world}; keep --batch-size × GPUs the same to resume")
-        m.student.decoder.load_state_dict(state["decoder"])
-        m.disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            for e, v in zip(ema, state["ema"]):
-                e.copy_(v)
-        step = state["step"]
-        _log(rank, f"resumed from {resume} at step {step}")
-
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        vae.write_json(run / "args.json", {**vars(args), "world_size": world})
-    dataset = CropStream(files, args.resolution, args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(step, args.steps, args.batch_size, rank, world),
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.steps, initial=step, desc="sc-vae", unit="step", dynamic_ncols=True)
-    log_file = open(run / "log.jsonl", "a") if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    tic, window = time.perf_counter(), 0
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        adversarial = step >= args.disc_start and args.lambda_adv > 0
-
-        # Generator (decoder) step
-        with autocast:
-            g = generator_losses(m, x, args, adversarial)
-        g["total"].backward()
-        average_gradients(m.student.decoder)
-        g["grad_norm"] = torch.nn.utils.clip_grad_norm_(decoder_params, args.max_grad_norm or float("inf"))
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, decoder_params, args.ema)
-
-        # Discriminator step, on the same batch and the x̂ of the step above
-        d = {}
-        if adversarial:
-            with autocast:
-                d = discriminator_loss(m, x, g["x_hat"], args.gp_weight)
-            d["d_total"].backward()
-            average_gradients(m.disc)
-            torch.nn.utils.clip_grad_norm_(m.disc.parameters(), args.max_grad_norm or float("inf"))
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-        step += 1
-        window += 1
-
-        if step % args.log_every == 0 or step == args.steps:
-            values = {k: v.detach().float() for k, v in {**g, **d}.items() if k != "x_hat"}
-            names = sorted(values)
-            stacked = torch.stack([values[k] for k in names])
-            all_reduce_mean([stacked])
-            record = {"step": step, **{k: v.item() for k, v in zip(names, stacked)},
-                      "skipped_images": int(batch["skipped"].sum()),
-                      "images_per_s": window * args.batch_size * world / (time.perf_counter() - tic)}
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                text = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
-                                if k in record)
-                _log(rank, f"step {step} {text} {record['images_per_s']:.2f} img/s", progress)
-            tic, window = time.perf_counter(), 0
-        if progress:
-            progress.update(1)
-        periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)
-        stopping = args.stop_after is not None and step >= args.stop_after
-        if periodic or stopping:  # the last one too, so that a longer run can --resume from it
-            if rank == 0:
-                state = {"step": step, "global_batch": args.batch_size * world,
-                         "decoder": m.student.decoder.state_dict(), "disc": m.disc.state_dict(),
-                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema}
-                _log(rank, f"saved {save_checkpoint(run, state, args.keep_checkpoints)}", progress)
-            tic = time.perf_counter()
-        if stopping and step < args.steps:
-            _log(rank, f"stopped after step {step} (--stop-after); continue with the same command and --resume")
-            break
-    if progress:
-        progress.close()
-    if log_file:
-        log_file.close()
-    if step >= args.steps and rank == 0:
-        paths = export_f16(m, decoder_weights(m, ema), run, args.export_name)
-        which = "EMA" if ema is not None else "final"
-        print(f"exported the F16 autoencoder ({which} decoder): {paths[0]} and {paths[1]}/", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+        with torch.no_grad():
+            for p, e in zip(m.student.decoder.parameters(), ema):
+                p.copy_(e)
+    for path in (run / f"{name}.safetensors", run / name):
+        vae.save_vae(m.student, path)
+    print(f"exported {run / name}.safetensors and {run / name}/ ({'EMA' if ema is not None else 'last'} decoder)")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # --eval: Tables 4 / 8 of the paper
 
 
-def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (Lanczos; nothing when it already is) and take the centred square."""
-    h, w = rgb.shape[:2]
-    image = Image.fromarray(rgb)
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
-
-
 @torch.no_grad()
-def reconstruct(ae: vae.AutoEncoder, rgb: np.ndarray, device, dtype) -> np.ndarray:
-    """decode(encode(image)) as an (H, W, 3) uint8 image (posterior mean, partitioned decode, rounded)."""
-    x = metrics.image_to_tensor(rgb).to(device, dtype)
-    y = ae.decode(ae.encode(x)).float().clamp(-1, 1)
-    return ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-def evaluate(args) -> dict:
+def evaluate(args) -> None:
+    """PSNR / SSIM / NMSE / LPIPS of F8, F16 before and F16 after on every image under --eval, as in Tables 4
+    and 8: the shorter side resized to --eval-size (Lanczos), the centre square encoded (posterior mean), decoded
+    (partitioned), rounded to 8 bits and compared with the input. Printed as a table; --json writes every row."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    root = Path(args.eval)
+    root, n = Path(args.eval), args.eval_size
     files = list_images(root, "--eval")[: args.eval_limit]
     trained = args.trained or (Path(args.out) / f"{args.export_name}.safetensors" if args.out else None)
     if trained is not None and not Path(trained).exists():
@@ -479,44 +392,48 @@ def evaluate(args) -> dict:
                   "F16 before": vae.load_vae(args.vae, stride=2, device=device, dtype=dtype, config=args.config)}
         if trained is not None:
             models["F16 after"] = vae.load_vae(trained, device=device, dtype=dtype)
-            if models["F16 after"].params.stride != 2:
-                raise vae.UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
         lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
     except (OSError, ValueError) as e:
         raise vae.UserError(str(e)) from None
-    if args.eval_size % max(ae.factor for ae in models.values()):
-        raise vae.UserError(f"--eval-size must be a multiple of {max(ae.factor for ae in models.values())}")
-    from tqdm import tqdm
+    if trained is not None and models["F16 after"].params.stride != 2:
+        raise vae.UserError(f"--trained {trained}: not an F16 autoencoder (stride 1 in its config/metadata)")
+    if n % (factor := max(ae.factor for ae in models.values())):
+        raise vae.UserError(f"--eval-size must be a multiple of {factor}")
 
     rows, skipped = {name: [] for name in models}, []
     for path in tqdm(files, desc="eval", unit="image", disable=args.no_progress, file=sys.stderr):
         try:
-            rgb = center_square(metrics.load_image(path), args.eval_size)
-        except Exception as e:
+            image = Image.fromarray(metrics.load_image(path))
+        except UNREADABLE as e:
             skipped.append({"file": str(path), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
             continue
+        if min(image.size) != n:
+            image = resize_shorter_side(image, n, Image.Resampling.LANCZOS)
+        left, top = (image.width - n) // 2, (image.height - n) // 2
+        rgb = np.asarray(image.crop((left, top, left + n, top + n)))
+        x = metrics.image_to_tensor(rgb).to(device, dtype)
         for name, ae in models.items():
-            rec = reconstruct(ae, rgb, device, dtype)
+            y = ae.decode(ae.encode(x)).float().clamp(-1, 1)
+            rec = ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             rows[name].append({"file": path.relative_to(root).as_posix(), "psnr": metrics.psnr(rec, rgb),
                                "ssim": metrics.ssim(rec, rgb), "nmse": metrics.nmse(rec, rgb),
                                "lpips": metrics.lpips(rec, rgb, model=lpips)})
     if not rows["F8"]:
         raise vae.UserError(f"--eval {root}: no readable image ({skipped[0]['file']}: {skipped[0]['reason']})")
-    keys = ("psnr", "ssim", "nmse", "lpips")
-    summary = {name: {k: float(np.mean([r[k] for r in rs])) for k in keys} for name, rs in rows.items()}
-    return {"settings": {"vae": str(args.vae), "trained": str(trained) if trained else None,
-                         "size": args.eval_size, "images": len(rows["F8"]), "precision": args.precision},
-            "summary": summary, "images": rows, "skipped": skipped}
+    summary = {name: {k: float(np.mean([r[k] for r in rs])) for k in ("psnr", "ssim", "nmse", "lpips")}
+               for name, rs in rows.items()}
 
-
-def print_eval(result: dict) -> None:
-    s = result["settings"]
-    print(f"{s['images']} image(s) at {s['size']}×{s['size']} (shorter side resized, centre square)")
+    print(f"{len(rows['F8'])} image(s) at {n}×{n} (shorter side resized, centre square)")
     print(f"{'autoencoder':<12} {'PSNR↑':>8} {'SSIM↑':>7} {'NMSE↓':>8} {'LPIPS↓':>7}")
-    for name, v in result["summary"].items():
+    for name, v in summary.items():
         print(f"{name:<12} {v['psnr']:8.2f} {v['ssim']:7.4f} {v['nmse']:8.5f} {v['lpips']:7.4f}")
-    for item in result["skipped"]:
+    for item in skipped:
         print(f"skipped {item['file']}: {item['reason']}")
+    if args.json:
+        settings = {"vae": str(args.vae), "trained": str(trained) if trained else None, "size": n,
+                    "images": len(rows["F8"]), "precision": args.precision}
+        vae.write_json(Path(args.json), {"settings": settings, "summary": summary, "images": rows, "skipped": skipped})
+        print(f"wrote {args.json}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -524,21 +441,15 @@ def print_eval(result: dict) -> None:
 
 
 def _channels(text: str) -> list[int]:
-    try:
-        values = [int(c) for c in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("give comma-separated positive widths, e.g. 64,128,256,512,512,512")
-    return values
+    return [positive_int(c) for c in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__[: __doc__.index("The models:")].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="the official F8 autoencoder: Flux ae.safetensors, an SD3 checkpoint "
-                   "or a diffusers vae/ folder (teacher, and the student's starting point)")
-    p.add_argument("--config", choices=sorted(vae.VAE_CONFIGS), help="latent scale/shift (default: from the file)")
+    p.add_argument("--vae", required=True, help="the official F8 autoencoder (teacher, and the student's start): "
+                   "Flux ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder")
+    p.add_argument("--config", choices=["flux", "sd3"], help="latent scale/shift (default: from the file)")
     p.add_argument("--data", help="training images, searched recursively (the authors: SA-1B)")
     p.add_argument("--out", help="run folder: checkpoints/, log.jsonl, args.json, vae-f16.safetensors, vae-f16/")
     p.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps")
@@ -554,19 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-adv", type=float, default=0.05, help="weight of the adaptive adversarial loss (0: no GAN)")
     p.add_argument("--max-adaptive-weight", type=float, default=1e4, help="clamp of the adaptive weight w")
     p.add_argument("--disc-start", type=int, default=0, help="step from which D trains and L_adv counts")
-    p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512],
-                   help="widths of D's stride-2 convs (default 64,128,256,512,512,512)")
+    p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512], help="widths of D's convs")
     p.add_argument("--gp-weight", type=float, default=0.0, help="gradient penalty γ on real images (the authors: 10)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the decoder; the export uses the EMA (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the exported decoder (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="compute dtype (bf16 autocast; weights and optimizer stay fp32). The paper: fp32")
-    p.add_argument("--lpips-vgg", help=f"torchvision's {metrics.LPIPS_VGG_FILE} (default: the torch hub cache)")
-    p.add_argument("--lpips-heads", help=f"LPIPS v0.1 {metrics.LPIPS_HEADS_FILE} (default: the torch hub cache or an "
-                   "installed lpips package)")
+    p.add_argument("--lpips-vgg", help="torchvision's vgg16-397923af.pth (default: the torch hub cache)")
+    p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth (default: the torch hub cache, an installed lpips)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint file, or (no value) from "
-                   "the newest one under --out, if any")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint (no value: --out's newest)")
     p.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
     p.add_argument("--export-name", default="vae-f16", help="name of the exported autoencoder under --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, crops and D's initialization")
@@ -583,22 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _command(args) -> None:
-    if args.eval:
-        result = evaluate(args)
-        print_eval(result)
-        if args.json:
-            vae.write_json(Path(args.json), result)
-            print(f"wrote {args.json}")
-    else:
-        missing = [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]
-        if missing:
-            raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
-        train(args)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_command(_command, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    run_command(evaluate if args.eval else train, args)
 
 
 if __name__ == "__main__":
