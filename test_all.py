@@ -2296,8 +2296,8 @@ def test_train_wlf_precompute_shards_hold_the_encodings(_train_wlf_assets):
             stored_rows = f.get_tensor("row").tolist()
         assert [rows[r]["file_name"] for r in stored_rows] == ["img0.png", "img1.jpg", "img2.png"]
         batch = shards.get([0, 1, 2])
-        images = torch.stack([train_wlf.load_image(root / "data" / rows[r]["file_name"], _TRAIN_WLF_RES,
-                                                   train_wlf.random.Random(f"0/{r}"), True) for r in stored_rows])
+        images = torch.stack([train_wlf.prepare_image(root / "data" / rows[r]["file_name"], _TRAIN_WLF_RES,
+                                                      random.Random(f"0/{r}"), True) for r in stored_rows])
         assert images.shape == (3, 3, _TRAIN_WLF_RES, _TRAIN_WLF_RES) and images.min() >= -1 and images.max() <= 1
         with torch.no_grad():
             # Same fp32 computation in the same process order: equal up to summation-order round-off.
@@ -2488,8 +2488,8 @@ def test_train_wlf_dry_run_probe_counts_saved_activations():
                               mlp_ratio=2.0, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
     with torch.device("meta"):
         model = mmdit.Flux(params).to(torch.bfloat16)
-    small = train_wlf.probe_activations(model, (2, 16, 16, 16), 8, 32, 64, torch.bfloat16)
-    large = train_wlf.probe_activations(model, (2, 16, 32, 64), 8, 32, 64, torch.bfloat16)
+    small = train_wlf.probe_activations(model, (2, 16, 16, 16), 8, torch.bfloat16)
+    large = train_wlf.probe_activations(model, (2, 16, 32, 64), 8, torch.bfloat16)
     seq_small, seq_large = 64 + 8, 512 + 8
     for probe, seq in ((small, seq_small), (large, seq_large)):
         single_input = 2 * seq * 64 * 2  # (B, L, H) bf16
