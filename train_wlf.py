@@ -411,8 +411,8 @@ def precompute(args) -> None:
                     manifest["latent_shape"] = list(latents.shape[1:])
                     manifest["context_shape"], manifest["pooled_dim"] = list(context.shape[1:]), pooled.shape[-1]
                 stored = (x.to("cpu", DTYPES[args.store_dtype]) for x in (latents, context, pooled))
-                pending += [{"latents": l, "context": c, "pooled": p, "row": torch.tensor(item["row"])}
-                            for l, c, p, item in zip(*stored, good)]
+                pending += [{"latents": lat, "context": ctx, "pooled": pool, "row": torch.tensor(item["row"])}
+                            for lat, ctx, pool, item in zip(*stored, good)]
             while len(pending) >= args.shard_size:
                 write_shard(out, manifest, pending[: args.shard_size])
                 pending = pending[args.shard_size :]
@@ -637,7 +637,7 @@ def probe_activations(model: nn.Module, latent_shape: tuple[int, ...], text_toke
     block's inputs (what activation checkpointing keeps). Tensors saved twice or as views count once."""
     blocks = model.blocks()
     params = {id(p) for p in model.parameters()}
-    # {id: tensor}, which also keeps the tensors alive (ids are unique only among live objects)
+    # {id: tensor} per scope; holding the tensors keeps them alive, so their ids stay unique.
     saved = [{} for _ in range(len(blocks) + 1)]  # per block, then outside the blocks: storage bases
     inputs = [{} for _ in blocks]  # per block: its floating-point inputs (RoPE's are complex)
     scope = [-1]  # the block running now; −1 = outside (the last entry of `saved`)
