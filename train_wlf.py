@@ -1,14 +1,11 @@
 """Wavelet-based Latent Fine-tuning (WLF, paper Sec. 4.2, Eq. 10) of Flux or SD3 with torchrun + FSDP2.
 
-Two stages, so that no encoder is ever loaded while the transformer trains:
+Two stages, so that no encoder is loaded while the transformer trains; and a memory plan without GPUs:
 
-    # 1. encode images (VAE, F8 or F16) and prompts (CLIP / T5) once, into safetensors shards
     python train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev --vae ae_f16.safetensors --f16 \\
         --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
-    # 2. fine-tune the transformer on the shards, on 8 GPUs (or 1, without torchrun)
     torchrun --nproc_per_node 8 train_wlf.py train --shards shards/ --transformer flux1-dev.safetensors \\
-        --out runs/wlf --steps 20000 --batch-size 4
-    # the per-GPU memory plan, without weights or GPUs
+        --out runs/wlf --steps 20000 --batch-size 4      # on one GPU: python train_wlf.py train ...
     python train_wlf.py train --dry-run --model flux-dev --resolution 4096 --f16 --batch-size 4 --world-size 8
 
 The objective (rectified flow, as Flux and SD3 were trained):
@@ -20,15 +17,17 @@ As the authors do, the wavelet loss compares x̂0 with x0 (not v with ε − x0)
 it is the velocity error weighted by t². With one level and equal band weights it IS x0-space MSE, because
 the Haar transform is orthonormal (Parseval); only unequal weights make the wavelets matter.
 
-Parallelism: torch's own FSDP2 (`fully_shard` per transformer block, then the root) keeps fp32 parameters,
-gradients and AdamW state sharded over the ranks and gathers one block's parameters in bf16 at a time;
-gradients are reduce-scattered in fp32. Each block is recomputed in the backward pass (activation
-checkpointing), so only block inputs stay alive between forward and backward. Checkpoints are sharded
-(torch.distributed.checkpoint) and resharded on load, so a run may resume on a different number of GPUs.
+Parallelism: FSDP2 (`fully_shard` per block, then the root) keeps fp32 parameters, gradients and AdamW state
+sharded and gathers one block's parameters in bf16 at a time; gradients are reduce-scattered in fp32; each
+block is recomputed in backward (activation checkpointing). Checkpoints are sharded (DCP), resharded on load.
+Determinism: the sample order is one permutation per epoch, and each sample's t and ε are drawn from
+(seed, its position in the sample stream); nothing draws from a global RNG. A run thus depends on the global
+batch, not on its split over GPUs and accumulation steps, and resuming reproduces it exactly.
 
-Determinism: the sample order is one global permutation per epoch, and each sample's noise and t are drawn
-from a generator seeded by (seed, position in the sample stream). The run therefore depends on the global
-batch, not on how it is split over GPUs and accumulation steps, and resuming reproduces the same updates.
+Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
+epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
+From the other scripts: `metrics.load_image`, the one image reader (EXIF orientation, alpha dropped, 16-bit
+high byte), so training sees an image as the metrics do; vae's `UserError`, `atomic_write`, `write_json`.
 """
 import argparse
 import datetime
@@ -42,315 +41,34 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
+import metrics
 import mmdit
 import text_encoders
 import vae
 import wavelet
 
 SHARD_FORMAT = "diffusion4k-wlf-shards"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GiB = 1024**3
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: an image folder with metadata.jsonl lines {"file_name": ..., "text": ...} (the Aesthetic-4K format)
-
-
-def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
-    """Rows {"file_name", "text"} of folder/metadata.jsonl, and the lines that could not be used."""
-    path = folder / "metadata.jsonl"
-    if not path.is_file():
-        raise vae.UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
-                        '{"file_name": ..., "text": ...} object per line')
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"])})
-        except (ValueError, KeyError, TypeError) as e:
-            bad.append({"file_name": f"metadata.jsonl:{number}", "reason": f"bad line ({type(e).__name__}: {e})"})
-    return rows, bad
-
-
-def load_image(path: Path, resolution: int, rng: random.Random, flip: bool) -> Tensor:
-    """Resize the shorter side to `resolution`, take a random square crop, flip with probability ½ when asked;
-    (3, resolution, resolution) in [−1, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")  # also forces the full decode, so truncated files fail here
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)  # anti-aliased when shrinking 6K-8K originals
-    left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float() / 127.5 - 1
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Item i: {"row", "text", "image" (3, R, R) in [−1, 1]} or {"row", "file_name", "error"} for a file that
-    cannot be read: bad files are reported, never fatal. The crop and flip of item i depend only on (seed, i),
-    so an interrupted precompute continues with the same augmentations."""
-
-    def __init__(self, folder: Path, rows: list[dict], resolution: int, flip: bool, seed: int, start: int = 0):
-        self.folder, self.rows, self.resolution, self.flip, self.seed, self.start = folder, rows, resolution, flip, seed, start
-
-    def __len__(self) -> int:
-        return len(self.rows) - self.start
-
-    def __getitem__(self, i: int) -> dict:
-        i += self.start
-        row = self.rows[i]
-        try:
-            rng = random.Random(f"{self.seed}/{i}")
-            image = load_image(self.folder / row["file_name"], self.resolution, rng, self.flip)
-        except Exception as e:  # unreadable, truncated, not an image, missing, too large, ...
-            return {"row": i, "file_name": row["file_name"], "error": f"{type(e).__name__}: {e}".split("\n")[0]}
-        return {"row": i, "text": row["text"], "image": image}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Precomputed shards: shard-NNNNN.safetensors {"latents", "context", "pooled", "row"} + manifest.json
-
-
-class ShardWriter:
-    """Buffers encoded samples and writes `shard_size` of them at a time as one shard, atomically; manifest.json
-    is rewritten (atomically) after every shard, so an interrupted precompute resumes after its last shard."""
-
-    def __init__(self, out: Path, manifest: dict, shard_size: int, store_dtype: torch.dtype):
-        self.out, self.manifest, self.shard_size, self.store_dtype = out, manifest, shard_size, store_dtype
-        self.buffer: dict[str, list[Tensor]] = {"latents": [], "context": [], "pooled": [], "row": []}
-
-    def add(self, latents: Tensor, context: Tensor, pooled: Tensor, rows: list[int]) -> None:
-        for name, value in (("latents", latents), ("context", context), ("pooled", pooled)):
-            self.buffer[name].extend(value.detach().to("cpu", self.store_dtype).unbind(0))
-        self.buffer["row"].extend(torch.tensor(rows, dtype=torch.int64).unbind(0))
-        while len(self.buffer["row"]) >= self.shard_size:
-            self.flush(self.shard_size)
-
-    def flush(self, count: int | None = None) -> None:
-        """Write the first `count` buffered samples (default all) as the next shard."""
-        from safetensors.torch import save_file
-
-        count = len(self.buffer["row"]) if count is None else count
-        if count == 0:
-            return
-        tensors = {name: torch.stack(values[:count]).contiguous() for name, values in self.buffer.items()}
-        self.buffer = {name: values[count:] for name, values in self.buffer.items()}
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        vae.atomic_write(self.out / name, lambda tmp: save_file(tensors, tmp))
-        self.manifest["shards"].append({"file": name, "count": count})
-        self.manifest["num_samples"] += count
-        self.manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
-        vae.write_json(self.out / "manifest.json", self.manifest)
-
-
-class LatentShards:
-    """Reads the shards written by `precompute`, sample by sample, memory-mapped (safetensors), so a data set
-    much larger than host memory is fine. `max_samples` keeps only the first N (to overfit a few samples)."""
-
-    def __init__(self, folder: str | Path, max_samples: int | None = None):
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        path = self.folder / "manifest.json"
-        if not path.is_file():
-            raise vae.UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != SHARD_FORMAT:
-            raise vae.UserError(f"{path} is not a {SHARD_FORMAT} manifest")
-        if not self.manifest.get("complete"):
-            raise vae.UserError(f"{self.folder}: precompute did not finish; run the same precompute command again to "
-                            "complete it")
-        self._safe_open = safe_open
-        self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
-        self.counts = [s["count"] for s in self.manifest["shards"]]
-        missing = [str(f) for f in self.files if not f.is_file()]
-        if missing:
-            raise vae.UserError(f"shard files missing: {', '.join(missing[:3])}")
-        self.starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
-        self.length = sum(self.counts) if max_samples is None else min(max_samples, sum(self.counts))
-        if self.length == 0:
-            raise vae.UserError(f"{self.folder} holds no samples")
-        self._open: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        for shard in reversed(range(len(self.starts))):
-            if index >= self.starts[shard]:
-                return shard, index - self.starts[shard]
-        raise IndexError(index)
-
-    def get(self, indices: list[int]) -> dict[str, Tensor]:
-        """{"latents" (B, 16, h, w), "context" (B, L, 4096), "pooled" (B, D)} for the given sample indices."""
-        out: dict[str, list[Tensor]] = {"latents": [], "context": [], "pooled": []}
-        for index in indices:
-            shard, i = self._locate(index)
-            if shard not in self._open:
-                self._open[shard] = self._safe_open(str(self.files[shard]), "pt")
-            f = self._open[shard]
-            for name in out:
-                out[name].append(f.get_slice(name)[i : i + 1])
-        return {name: torch.cat(values) for name, values in out.items()}
-
-
-class SampleStream:
-    """An endless stream of sample indices: epoch after epoch, each a permutation drawn from (seed, epoch).
-    Position p of the stream is the data position a checkpoint stores."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self._epoch, self._perm = length, seed, -1, None
-
-    def __getitem__(self, position: int) -> int:
-        epoch, i = divmod(position, self.length)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.length, generator=generator).tolist()
-        return self._perm[i]
-
-
-def t5_tokens(args) -> int:
-    """512 for flux-dev, 256 for flux-schnell and SD3 (diffusers' length), as the samplers encode prompts."""
-    return args.t5_tokens or (512 if args.model == "flux-dev" else 256)
-
-
-def load_conditioner(args, device: torch.device, dtype: torch.dtype):
-    """FluxConditioner (CLIP-L + T5) or SD3Conditioner (CLIP-L + CLIP-G + T5) from --weights (a diffusers
-    snapshot: text_encoder*/ and tokenizer*/) and/or the explicit --clip-l / --clip-g / --t5 paths."""
-    flux = args.model.startswith("flux")
-    t5_length = t5_tokens(args)
-    root = Path(args.weights) if args.weights else None
-    sub = (lambda name: str(root / name) if root else None)
-    clip_l = args.clip_l or sub("text_encoder")
-    clip_g = args.clip_g or (None if flux else sub("text_encoder_2"))
-    t5 = args.t5 or sub("text_encoder_2" if flux else "text_encoder_3")
-    need = {"--clip-l": clip_l, "--t5": t5, **({} if flux else {"--clip-g": clip_g})}
-    if missing := [flag for flag, value in need.items() if value is None]:
-        raise vae.UserError(f"precompute --model {args.model} needs {', '.join(missing)} (or --weights DIR, a diffusers "
-                        "snapshot with text_encoder*/ and tokenizer*/ folders)")
-    tok = {  # explicit > the snapshot's tokenizer*/ folder > beside the encoder
-        "clip_l": args.clip_l_tokenizer or (sub("tokenizer") if root and not args.clip_l else None) or clip_l,
-        "clip_g": args.clip_g_tokenizer or (sub("tokenizer_2") if root and not args.clip_g else None) or clip_g,
-        "t5": args.t5_tokenizer or (sub("tokenizer_2" if flux else "tokenizer_3") if root and not args.t5 else None) or t5,
-    }
-    tok = {k: (None if v is None else (Path(v) if Path(v).is_dir() else Path(v).parent)) for k, v in tok.items()}
-    try:
-        clip_l_model = text_encoders.load_clip(clip_l, device=device, dtype=dtype)
-        t5_model = text_encoders.load_t5(t5, device=device, dtype=dtype)
-        clip_l_tok = text_encoders.CLIPTokenizer(tok["clip_l"], pad_token="<|endoftext|>")
-        t5_tok = text_encoders.T5Tokenizer(tok["t5"], max_length=t5_length)
-        if flux:
-            return text_encoders.FluxConditioner(clip_l_model, t5_model, clip_l_tok, t5_tok)
-        clip_g_model = text_encoders.load_clip(clip_g, device=device, dtype=dtype)
-        clip_g_tok = text_encoders.CLIPTokenizer(tok["clip_g"], pad_token=0)  # SD3's CLIP-G pads with id 0
-        return text_encoders.SD3Conditioner(clip_l_model, clip_g_model, clip_l_tok, clip_g_tok, t5_model, t5_tok,
-                                            t5_length=t5_length)
-    except (OSError, ValueError) as e:
-        raise vae.UserError(f"cannot load the text encoders: {e}") from None
-
-
-def precompute(args) -> None:
-    """Encode every image of --data with the VAE and its prompt with the text encoders, into shards."""
-    if args.model not in mmdit.CONFIGS:
-        raise vae.UserError(f"unknown --model {args.model!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
-    family = "flux" if args.model.startswith("flux") else "sd3"
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    data, out = Path(args.data), Path(args.out)
-    rows, bad_lines = read_metadata(data)
-    vae_path = args.vae or args.weights
-    if vae_path is None:
-        raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
-    try:
-        ae = vae.load_vae(vae_path, stride=2 if args.f16 else None, device=device, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise vae.UserError(f"cannot load the autoencoder: {e}") from None
-    if args.resolution % (2 * ae.factor):
-        raise vae.UserError(f"--resolution {args.resolution} must be a multiple of {2 * ae.factor} (F{ae.factor} "
-                        "autoencoder, 2×2 latent patches)")
-    settings = {"model": args.model, "family": family, "data": str(data.resolve()), "rows": len(rows),
-                "resolution": args.resolution, "flip": args.flip, "seed": args.seed, "vae": str(vae_path),
-                "vae_factor": ae.factor, "vae_scale": ae.scale_factor, "vae_shift": ae.shift_factor,
-                "text_encoders": [str(p) for p in (args.weights, args.clip_l, args.clip_g, args.t5) if p],
-                "t5_tokens": t5_tokens(args), "store_dtype": args.store_dtype}
-    manifest = {"format": SHARD_FORMAT, "version": 1, **settings, "complete": False, "shards": [], "num_samples": 0,
-                "next_row": 0, "skipped": []}
-    path = out / "manifest.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        same = all(old.get(k) == v for k, v in settings.items())
-        if args.overwrite or not same:
-            if not args.overwrite:
-                raise vae.UserError(f"{out} holds shards made with other settings; use another --out or --overwrite")
-            for f in out.glob("shard-*.safetensors"):
-                f.unlink()
-            path.unlink()
-        elif old.get("complete"):
-            print(f"{out}: already complete ({old['num_samples']} samples); nothing to do")
-            return
-        else:
-            manifest = old
-            print(f"{out}: continuing an interrupted precompute at metadata row {old['next_row']}")
-    out.mkdir(parents=True, exist_ok=True)
-    conditioner = load_conditioner(args, device, dtype)
-
-    skipped = [s for s in manifest["skipped"] if s.get("row", -1) < manifest["next_row"]]
-    skipped += [b for b in bad_lines if b not in skipped]
-    writer = ShardWriter(out, manifest, args.shard_size, DTYPES[args.store_dtype])
-    dataset = ImageFolder(data, rows, args.resolution, args.flip, args.seed, start=manifest["next_row"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=list)
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(rows), initial=manifest["next_row"], desc="encode", unit="img", dynamic_ncols=True)
-    with torch.no_grad():
-        for items in loader:
-            good = [item for item in items if "image" in item]
-            for item in items:
-                if "error" in item:
-                    skipped.append({"row": item["row"], "file_name": item["file_name"], "reason": item["error"]})
-                    (progress.write if progress else print)(f"skipped {item['file_name']}: {item['error']}")
-            manifest["skipped"] = skipped
-            if good:
-                images = torch.stack([item["image"] for item in good]).to(device, dtype)
-                latents = ae.encode(images)  # (B, 16, R/f, R/f), normalized: scale·(mean − shift)
-                text = conditioner([item["text"] for item in good], device=device, dtype=torch.float32)
-                context, pooled = (text["txt"], text["vec"]) if family == "flux" else (text["context"], text["pooled"])
-                if not manifest.get("latent_shape"):
-                    manifest["latent_shape"] = list(latents.shape[1:])
-                    manifest["context_shape"], manifest["pooled_dim"] = list(context.shape[1:]), pooled.shape[-1]
-                writer.add(latents, context, pooled, [item["row"] for item in good])
-            if progress:
-                progress.update(len(items))
-    writer.flush()
-    if progress:
-        progress.close()
-    manifest["next_row"], manifest["skipped"], manifest["complete"] = len(rows), skipped, True
-    if manifest["num_samples"] == 0:
-        raise vae.UserError(f"{data}: no readable image among {len(rows)} metadata rows; nothing was written")
-    vae.write_json(path, manifest)
-    print(f"encoded {manifest['num_samples']} samples into {len(manifest['shards'])} shard(s) in {out}; "
-          f"skipped {len(skipped)} unreadable or bad entries" + (" (listed in manifest.json)" if skipped else ""))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The objective (Sec. 4.2, Eq. 10)
-
+# ===== The method: rectified flow with the wavelet loss (Sec. 4.2, Eq. 10) ====================================
 
 @dataclass
 class Objective:
@@ -369,10 +87,8 @@ def sample_noise(objective: Objective, shape: tuple[int, ...], seed: int, positi
     generator = torch.Generator().manual_seed((seed * 1_000_003 + position) % (2**63))
     if objective.timesteps == "uniform":
         t = torch.rand((), generator=generator)
-    elif objective.timesteps == "logit-normal":  # SD3's sampling: sigmoid(N(m, s²)) favours the middle
+    else:  # logit-normal, SD3's sampling: sigmoid(N(m, s²)) favours the middle
         t = torch.sigmoid(objective.logit_mean + objective.logit_std * torch.randn((), generator=generator))
-    else:
-        raise ValueError(f"unknown timestep sampling {objective.timesteps!r}")
     if objective.shift != 1.0:
         t = objective.shift * t / (1 + (objective.shift - 1) * t)
     return t, torch.randn(shape, generator=generator)
@@ -386,29 +102,14 @@ def training_loss(velocity, x0: Tensor, noise: Tensor, t: Tensor, objective: Obj
     v = velocity(x_t, t).to(x0.dtype)
     if objective.loss == "mse":
         return F.mse_loss(v, noise - x0)
-    if objective.loss == "wlf":  # Eq. 10 on x̂0 = x_t − t·v, as the authors' code compares
-        x0_hat = x_t - t_ * v
-        return wavelet.wlf_loss(x0_hat, x0, objective.band_weights, objective.levels)
-    raise ValueError(f"unknown loss {objective.loss!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The transformer: Flux takes packed latents, ids, t in [0, 1] and (dev) guidance; SD3 latents and t·1000
-
-
-def family_of(model: nn.Module) -> str:
-    return "flux" if isinstance(model, mmdit.Flux) else "sd3"
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the units of FSDP sharding and of activation checkpointing."""
-    return model.blocks()
+    x0_hat = x_t - t_ * v  # Eq. 10 on x̂0 = x_t − t·v, as the authors' code compares
+    return wavelet.wlf_loss(x0_hat, x0, objective.band_weights, objective.levels)
 
 
 def velocity_fn(model: nn.Module, context: Tensor, pooled: Tensor, guidance: float):
-    """velocity(x_t (B, 16, h, w), t (B,)) -> v (B, 16, h, w) for either architecture. The models cast their
-    inputs to their weights' dtype themselves; t stays fp32 into the sinusoidal embedding, and the Flux
-    position ids stay fp32 as in the official pipeline."""
+    """velocity(x_t (B, 16, h, w), t (B,)) -> v for either architecture: Flux takes packed latents, position
+    ids, t in [0, 1] and (dev) guidance; SD3 latents and t·1000. The models cast inputs to their weights' dtype
+    themselves; t stays fp32 into the sinusoidal embedding, the Flux position ids fp32 as officially."""
     if isinstance(model, mmdit.Flux):
         def velocity(x_t: Tensor, t: Tensor) -> Tensor:
             B, _, h, w = x_t.shape
@@ -422,169 +123,434 @@ def velocity_fn(model: nn.Module, context: Tensor, pooled: Tensor, guidance: flo
     return velocity
 
 
-def tokens_per_sample(family: str, latent_hw: tuple[int, int], text_tokens: int, patch: int = 2) -> int:
-    """Sequence length through the blocks: image tokens (2×2 latent patches) + text tokens."""
-    return (latent_hw[0] // patch) * (latent_hw[1] // patch) + text_tokens
+# ===== Training: FSDP2, activation checkpointing, AdamW, clipping, accumulation ===============================
+
+def train(args) -> None:
+    # Our output is reshaped, not modified in place, so FSDP's pre-backward hook on it stays intact.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    rank, world, device = setup_distributed(args.device)
+    run, shards = Path(args.out), LatentShards(args.shards, args.max_samples)
+    objective = Objective(args.loss, tuple(args.band_weights), args.wavelet_levels, args.timesteps,
+                          args.logit_mean, args.logit_std, args.shift)
+    global_batch = args.batch_size * args.grad_accum * world
+    resume = Path(args.resume) if args.resume not in (None, "latest") else None
+    if resume and not (resume / "meta.json").is_file():
+        raise vae.UserError(f"--resume {resume}: not a complete checkpoint (no meta.json)")
+    if args.resume == "latest":  # --resume alone: the newest checkpoint of the run, if there is one yet
+        resume = (list_checkpoints(run) or [None])[-1]
+        if resume is None:
+            _log(rank, f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.transformer}")
+
+    model, full_state = build_on_meta(args.transformer, rank)  # rank 0 alone reads the file
+    family = "flux" if isinstance(model, mmdit.Flux) else "sd3"
+    if shards.manifest["family"] != family:
+        raise vae.UserError(f"{args.shards} was encoded for {shards.manifest['family']} but {args.transformer} is a "
+                            f"{family} transformer; precompute the shards with the matching --model")
+    # Each block runs under torch.utils.checkpoint inside the model's forward; FSDP's hooks on it fire again in
+    # the recompute, so its parameters are gathered for it.
+    model.gradient_checkpointing = not args.no_activation_checkpointing
+    # fp32 parameters, sharded; each block's are gathered in the compute dtype just before use, its gradients
+    # reduce-scattered in fp32. Inputs are not cast: RoPE's fp32 frequencies must reach the blocks as fp32.
+    policy = MixedPrecisionPolicy(param_dtype=None if args.precision == "fp32" else DTYPES[args.precision],
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks():
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embedders, final layer
+    model.to_empty(device=device)
+    # Rank 0's tensors (the file's dtype) are broadcast and copied into every rank's fp32 shards.
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state  # a whole copy of the weights in rank 0's host memory
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  weight_decay=args.weight_decay, eps=1e-8)
+    step, position = 0, 0
+    if resume is not None:
+        meta = load_checkpoint(resume, model, optimizer)
+        step, position = meta["step"], meta["position"]
+        _log(rank, f"resumed from {resume} (step {step}, sample position {position}; global batch "
+                   f"{meta.get('global_batch')} then, {global_batch} now)")
+
+    stream = SampleStream(len(shards), args.seed)
+    latent_hw, text_tokens = tuple(shards.manifest["latent_shape"][-2:]), shards.manifest["context_shape"][0]
+    tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) + text_tokens  # 2×2 latent patches, then the text
+    flops = train_flops_per_sample(model.params, latent_hw, text_tokens) if rank == 0 else 0.0
+    peak = args.peak_tflops or gpu_peak_tflops(device)
+    log_file = None
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        vae.write_json(run / "args.json", vars(args))
+        log_file = open(run / "log.jsonl", "a")
+        n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
+        print(f"{family}, {n / 1e6:,.1f} M parameters; {len(shards)} samples; global batch {global_batch} = {world} "
+              f"rank(s) × {args.batch_size} × {args.grad_accum} accumulation; {tokens} tokens/sample", flush=True)
+    progress = tqdm(total=args.steps, initial=step, desc="train", disable=rank != 0 or args.no_progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tic, since = time.perf_counter(), step  # the throughput window
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            # This rank's samples: positions first + j of the stream, the noise keyed by the same positions.
+            first = position + (micro * world + rank) * args.batch_size
+            batch = shards.get([stream[first + j] for j in range(args.batch_size)])
+            x0 = batch["latents"].to(device, torch.float32)
+            draws = [sample_noise(objective, tuple(x0.shape[1:]), args.seed, first + j) for j in range(args.batch_size)]
+            t, noise = (torch.stack(column).to(device) for column in zip(*draws))
+            velocity = velocity_fn(model, batch["context"].to(device), batch["pooled"].to(device), args.guidance)
+            loss = training_loss(velocity, x0, noise, t, objective)
+            # FSDP averages gradients over ranks; dividing by the accumulation steps makes it the global mean.
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        position += global_batch
+
+        if step % args.log_every == 0 or step == args.steps:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
+            images = (step - since) * global_batch / (time.perf_counter() - tic)
+            record = {"step": step, "loss": loss_sum.item() / (args.grad_accum * world), "lr": lr,
+                      "grad_norm": grad_norm.item(), "images_per_s": images, "tokens_per_s": images * tokens}
+            if peak:
+                record["mfu"] = images * flops / world / (peak * 1e12)
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
+            if rank == 0:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                progress.write(" ".join(f"{k} {v:.4g}" for k, v in record.items()))  # prints when disabled too
+            tic, since = time.perf_counter(), step
+        progress.update(1)
+        stopping = args.stop_after is not None and args.stop_after <= step < args.steps
+        if stopping or (args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)):
+            path = save_checkpoint(run, model, optimizer, step, position, args.keep_checkpoints,
+                                   {"global_batch": global_batch, "shards": str(args.shards)})
+            _log(rank, f"saved {path}")
+            tic, since = time.perf_counter(), step  # saving is not training throughput
+        if stopping:
+            _log(rank, f"stopped after step {step} (--stop-after); continue with the same command and --resume")
+            break
+    progress.close()
+    if step >= args.steps:
+        out = run / (args.export_name or "transformer.safetensors")
+        export_model(model, out, DTYPES[args.export_dtype])
+        _log(rank, f"exported {out} ({args.export_dtype}, official {family} layout)")
+    if log_file:
+        log_file.close()
 
 
-def train_flops_per_sample(params, latent_hw: tuple[int, int], text_tokens: int) -> float:
-    """Model FLOPs of one sample's forward + backward (3 × forward; the recomputation of checkpointing is not
-    counted, as MFU conventionally does). The forward is counted by torch's FlopCounterMode on a meta-device
-    copy: exact for this implementation (each stream's weights see only its own tokens, attention is L²)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flux = isinstance(params, mmdit.FluxParams)
-    with torch.device("meta"):
-        model = (mmdit.Flux if flux else mmdit.MMDiT)(params).to(torch.bfloat16)
-    context = torch.empty(1, text_tokens, params.context_in_dim, device="meta")
-    pooled = torch.empty(1, params.vec_in_dim if flux else params.adm_in_channels, device="meta")
-    x0, t = torch.empty(1, 16, *latent_hw, device="meta"), torch.empty(1, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        velocity_fn(model, context, pooled, 1.0)(x0, t)
-    return 3.0 * counter.get_total_flops()
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs (for the MFU estimate); None when unknown (then no MFU is printed)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-                       ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("4090", 165.0)):
-        if key in name:
-            return value
-    return None
+# ===== Data: images + metadata.jsonl (Aesthetic-4K's format) -> precompute -> shards + manifest.json ==========
+
+def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
+    """Rows {"file_name", "text"} of folder/metadata.jsonl, and the lines that could not be used."""
+    if not (path := folder / "metadata.jsonl").is_file():
+        raise vae.UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
+                            '{"file_name": ..., "text": ...} object per line')
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"])})
+        except (ValueError, KeyError, TypeError) as e:
+            bad.append({"file_name": f"metadata.jsonl:{number}", "reason": f"bad line ({type(e).__name__}: {e})"})
+    return rows, bad
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Distributed set-up, FSDP2 and activation checkpointing
+def prepare_image(path: Path, resolution: int, rng: random.Random, flip: bool) -> Tensor:
+    """metrics.load_image, then the shorter side resized to `resolution`, a random square crop and, when asked,
+    a flip with probability ½; (3, resolution, resolution) in [−1, 1]."""
+    image = Image.fromarray(metrics.load_image(path))
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)  # anti-aliased when shrinking 6K-8K originals
+    left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Item i: {"row", "text", "image" (3, R, R) in [−1, 1]} or {"row", "file_name", "error"} for a file that
+    cannot be read: bad files are reported, never fatal. The crop and flip of item i depend only on (seed, i),
+    so an interrupted precompute continues with the same augmentations."""
+
+    def __init__(self, folder: Path, rows: list[dict], resolution: int, flip: bool, seed: int, start: int = 0):
+        self.folder, self.rows, self.resolution, self.flip, self.seed, self.start = folder, rows, resolution, flip, seed, start
+
+    def __len__(self) -> int:
+        return len(self.rows) - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        i += self.start
+        row = self.rows[i]
+        try:
+            image = prepare_image(self.folder / row["file_name"], self.resolution, random.Random(f"{self.seed}/{i}"),
+                                  self.flip)
+        # Missing, truncated, not an image (UnidentifiedImageError), an unsupported mode, a decompression bomb.
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return {"row": i, "file_name": row["file_name"], "error": f"{type(e).__name__}: {e}".split("\n")[0]}
+        return {"row": i, "text": row["text"], "image": image}
+
+
+def write_shard(out: Path, manifest: dict, samples: list[dict[str, Tensor]]) -> None:
+    """Write `samples` as the next shard, then manifest.json, both atomically: a rerun resumes after it."""
+    tensors = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    vae.atomic_write(out / name, lambda tmp: save_file(tensors, tmp))
+    manifest["shards"].append({"file": name, "count": len(samples)})
+    manifest["num_samples"] += len(samples)
+    manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
+    vae.write_json(out / "manifest.json", manifest)
+
+
+def load_conditioner(args, t5_length: int, device: torch.device, dtype: torch.dtype):
+    """FluxConditioner (CLIP-L + T5) or SD3Conditioner (CLIP-L + CLIP-G + T5) from --weights (a diffusers
+    snapshot: text_encoder*/ and tokenizer*/) and/or the explicit --clip-l / --clip-g / --t5 paths."""
+    flux = args.model.startswith("flux")
+    snapshot = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+                "t5": ("text_encoder_2", "tokenizer_2") if flux else ("text_encoder_3", "tokenizer_3")}
+    encoders, tokenizers = {}, {}
+    for name in ("clip_l", "t5") if flux else ("clip_l", "t5", "clip_g"):
+        encoder, tokenizer = getattr(args, name), getattr(args, f"{name}_tokenizer")
+        if encoder is None and args.weights:
+            encoder_dir, tokenizer_dir = (Path(args.weights) / d for d in snapshot[name])
+            encoder, tokenizer = str(encoder_dir), tokenizer or tokenizer_dir
+        # The tokenizer: explicit > the snapshot's tokenizer*/ folder > beside the encoder (folder or file).
+        encoders[name], tokenizers[name] = encoder, tokenizer or encoder
+    if missing := ["--" + name.replace("_", "-") for name, path in encoders.items() if path is None]:
+        raise vae.UserError(f"precompute --model {args.model} needs {', '.join(missing)} (or --weights DIR, a "
+                            "diffusers snapshot with text_encoder*/ and tokenizer*/ folders)")
+    folder = {name: Path(p) if Path(p).is_dir() else Path(p).parent for name, p in tokenizers.items()}
+    try:
+        clip_l = text_encoders.load_clip(encoders["clip_l"], device=device, dtype=dtype)
+        t5 = text_encoders.load_t5(encoders["t5"], device=device, dtype=dtype)
+        clip_l_tok = text_encoders.CLIPTokenizer(folder["clip_l"], pad_token="<|endoftext|>")
+        t5_tok = text_encoders.T5Tokenizer(folder["t5"], max_length=t5_length)
+        if flux:
+            return text_encoders.FluxConditioner(clip_l, t5, clip_l_tok, t5_tok)
+        clip_g = text_encoders.load_clip(encoders["clip_g"], device=device, dtype=dtype)
+        clip_g_tok = text_encoders.CLIPTokenizer(folder["clip_g"], pad_token=0)  # SD3's CLIP-G pads with id 0
+        return text_encoders.SD3Conditioner(clip_l, clip_g, clip_l_tok, clip_g_tok, t5, t5_tok, t5_length=t5_length)
+    except (OSError, ValueError) as e:
+        raise vae.UserError(f"cannot load the text encoders: {e}") from None
+
+
+def precompute(args) -> None:
+    """`precompute`: encode every image of --data with the VAE and its prompt with the text encoders, into
+    shards. Run again with the same settings, it continues an interrupted run."""
+    check_model_name(args.model)
+    family = "flux" if args.model.startswith("flux") else "sd3"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    data, out = Path(args.data), Path(args.out)
+    rows, bad_lines = read_metadata(data)
+    vae_path = args.vae or args.weights
+    if vae_path is None:
+        raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
+    try:
+        ae = vae.load_vae(vae_path, stride=2 if args.f16 else None, device=device, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise vae.UserError(f"cannot load the autoencoder: {e}") from None
+    check_resolution(args.resolution, ae.factor)
+    t5_length = args.t5_tokens or (512 if args.model == "flux-dev" else 256)  # as sample.py encodes prompts
+    settings = {"model": args.model, "family": family, "data": str(data.resolve()), "rows": len(rows),
+                "resolution": args.resolution, "flip": args.flip, "seed": args.seed, "vae": str(vae_path),
+                "vae_factor": ae.factor, "vae_scale": ae.scale_factor, "vae_shift": ae.shift_factor,
+                "text_encoders": [str(p) for p in (args.weights, args.clip_l, args.clip_g, args.t5) if p],
+                "t5_tokens": t5_length, "store_dtype": args.store_dtype}
+    path = out / "manifest.json"
+    if path.is_file() and args.overwrite:
+        for f in [path, *out.glob("shard-*.safetensors")]:
+            f.unlink()
+    manifest = json.loads(path.read_text()) if path.is_file() else {
+        "format": SHARD_FORMAT, "version": 1, **settings, "complete": False, "shards": [], "num_samples": 0,
+        "next_row": 0, "skipped": []}
+    if any(manifest.get(k) != v for k, v in settings.items()):
+        raise vae.UserError(f"{out} holds shards made with other settings; use another --out or --overwrite")
+    if manifest["complete"]:
+        print(f"{out}: already complete ({manifest['num_samples']} samples); nothing to do")
+        return
+    if manifest["next_row"]:
+        print(f"{out}: continuing an interrupted precompute at metadata row {manifest['next_row']}")
+    out.mkdir(parents=True, exist_ok=True)
+    conditioner = load_conditioner(args, t5_length, device, dtype)
+
+    # Entries skipped before the resume point stay listed, bad metadata lines once; saved with every shard.
+    skipped = manifest["skipped"] = [s for s in manifest["skipped"] if s.get("row", -1) < manifest["next_row"]]
+    skipped += [b for b in bad_lines if b not in skipped]
+    dataset = ImageFolder(data, rows, args.resolution, args.flip, args.seed, start=manifest["next_row"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=list)
+    progress = tqdm(total=len(rows), initial=manifest["next_row"], desc="encode", unit="img", disable=args.no_progress)
+    pending = []  # encoded samples not yet in a shard
+    with torch.no_grad():
+        for items in loader:
+            for item in items:
+                if "error" in item:
+                    skipped.append({"row": item["row"], "file_name": item["file_name"], "reason": item["error"]})
+                    progress.write(f"skipped {item['file_name']}: {item['error']}")
+            if good := [item for item in items if "image" in item]:
+                images = torch.stack([item["image"] for item in good]).to(device, dtype)
+                latents = ae.encode(images)  # (B, 16, R/f, R/f), normalized: scale·(mean − shift)
+                text = conditioner([item["text"] for item in good], device=device, dtype=torch.float32)
+                context, pooled = (text["txt"], text["vec"]) if family == "flux" else (text["context"], text["pooled"])
+                if not manifest.get("latent_shape"):
+                    manifest["latent_shape"] = list(latents.shape[1:])
+                    manifest["context_shape"], manifest["pooled_dim"] = list(context.shape[1:]), pooled.shape[-1]
+                stored = (x.to("cpu", DTYPES[args.store_dtype]) for x in (latents, context, pooled))
+                pending += [{"latents": lat, "context": ctx, "pooled": pool, "row": torch.tensor(item["row"])}
+                            for lat, ctx, pool, item in zip(*stored, good)]
+            while len(pending) >= args.shard_size:
+                write_shard(out, manifest, pending[: args.shard_size])
+                pending = pending[args.shard_size :]
+            progress.update(len(items))
+    if pending:
+        write_shard(out, manifest, pending)
+    progress.close()
+    manifest["next_row"], manifest["complete"] = len(rows), True
+    if manifest["num_samples"] == 0:
+        raise vae.UserError(f"{data}: no readable image among {len(rows)} metadata rows; nothing was written")
+    vae.write_json(path, manifest)
+    print(f"encoded {manifest['num_samples']} samples into {len(manifest['shards'])} shard(s) in {out}; "
+          f"skipped {len(skipped)} unreadable or bad entries" + (" (listed in manifest.json)" if skipped else ""))
+
+
+class LatentShards:
+    """Reads the shards written by `precompute`, sample by sample, memory-mapped (safetensors), so a data set
+    much larger than host memory is fine. `max_samples` keeps only the first N (to overfit a few samples)."""
+
+    def __init__(self, folder: str | Path, max_samples: int | None = None):
+        self.folder = Path(folder)
+        if not (path := self.folder / "manifest.json").is_file():
+            raise vae.UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != SHARD_FORMAT or not self.manifest.get("complete"):
+            raise vae.UserError(f"{path} is not a complete {SHARD_FORMAT} manifest; if precompute was interrupted, "
+                                "run the same command again")
+        files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        if missing := [str(f) for f in files if not f.is_file()]:
+            raise vae.UserError(f"shard files missing: {', '.join(missing[:3])}")
+        # sample index -> (shard file, row in it)
+        self.index = [(f, i) for f, s in zip(files, self.manifest["shards"]) for i in range(s["count"])][:max_samples]
+        self._open = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, indices: list[int]) -> dict[str, Tensor]:
+        """{"latents" (B, 16, h, w), "context" (B, L, 4096), "pooled" (B, D)} for the given sample indices."""
+        out: dict[str, list[Tensor]] = {"latents": [], "context": [], "pooled": []}
+        for file, i in (self.index[index] for index in indices):
+            if file not in self._open:
+                self._open[file] = safe_open(str(file), "pt")
+            for name in out:
+                out[name].append(self._open[file].get_slice(name)[i : i + 1])
+        return {name: torch.cat(values) for name, values in out.items()}
+
+
+class SampleStream:
+    """An endless stream of sample indices: epoch after epoch, each a permutation drawn from (seed, epoch).
+    Position p of the stream is the data position a checkpoint stores."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self._epoch, self._perm = length, seed, -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch, i = divmod(position, self.length)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.length, generator=generator).tolist()
+        return self._perm[i]
+
+
+# ===== Distributed set-up, and the transformer built on the meta device =======================================
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
     (FSDP2 included) runs as a plain `python train_wlf.py train ...`."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30)  # saving 12B parameters of optimizer state takes a while
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)  # saving 12B parameters of optimizer state takes a while
-        if launched:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def load_model(path: str, device: torch.device, precision: str, activation_checkpointing: bool,
-               rank: int) -> nn.Module:
-    """Build the transformer on the meta device on every rank, shard it with FSDP2, then fill the shards from
-    the checkpoint that rank 0 alone reads (broadcast): host memory holds one copy of the weights, not one per
-    GPU, and the fp32 master shards are filled straight from the file's bf16 tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def meta_model(params, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The transformer of `params` on the meta device: shapes without memory."""
+    with torch.device("meta"):
+        return (mmdit.Flux if isinstance(params, mmdit.FluxParams) else mmdit.MMDiT)(params).to(dtype)
 
-    payload = [None]
-    loaded = None
+
+def meta_batch(params, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype):
+    """x0, context and pooled of a batch, as the shards hold them, on the meta device."""
+    pooled_width = params.vec_in_dim if isinstance(params, mmdit.FluxParams) else params.adm_in_channels
+    return (torch.empty(batch, 16, *latent_hw, device="meta"),
+            torch.empty(batch, text_tokens, params.context_in_dim, device="meta", dtype=dtype),
+            torch.empty(batch, pooled_width, device="meta", dtype=dtype))
+
+
+def build_on_meta(path: str, rank: int) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The transformer on the meta device on every rank, its full state dict on rank 0 ({} elsewhere): rank 0
+    alone reads the file, so host memory holds one copy of the weights, not one per GPU."""
+    payload, state = [None], {}
     if rank == 0:
         try:
             loaded = mmdit.load_transformer(path, device="cpu")
-            payload = [(type(loaded).__name__, loaded.params)]
+            payload, state = [loaded.params], loaded.state_dict()
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            payload = [("error", f"cannot load the transformer from {path}: {e}")]
+            payload = [f"cannot load the transformer from {path}: {e}"]
     dist.broadcast_object_list(payload, src=0)
-    kind, params = payload[0]
-    if kind == "error":
-        raise vae.UserError(params)
-    with torch.device("meta"):
-        model = getattr(mmdit, kind)(params)
-    # Each block runs under torch.utils.checkpoint (non-reentrant) inside the model's forward; FSDP's hooks on
-    # the block fire again in the recompute, so its parameters are gathered for it.
-    model.gradient_checkpointing = activation_checkpointing
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # Parameters stay fp32 (sharded); each block's are gathered in the compute dtype just before use and its
-    # gradients are reduce-scattered in fp32. FSDP does not cast inputs: the models cast activations to their
-    # weights' dtype themselves, and RoPE's fp32 frequencies must reach the blocks as fp32.
-    param_dtype = None if precision == "fp32" else DTYPES[precision]
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embedders, final layer
-
-    model.to_empty(device=device)
-    full = loaded.state_dict() if rank == 0 else {}  # file dtype (bf16): copied into the fp32 shards
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # Buffers outside the state dict (none in the official models, but cheap to be sure) come from rank 0.
-    for name, buffer in model.named_buffers():
-        module_name, _, buffer_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if buffer_name in module._non_persistent_buffers_set:
-            if rank == 0:
-                buffer.copy_(loaded.get_buffer(name))
-            dist.broadcast(buffer, src=0)
-    del loaded, full
-    return model
+    if isinstance(payload[0], str):
+        raise vae.UserError(payload[0])
+    return meta_model(payload[0]), state
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: sharded (torch.distributed.checkpoint), written to a temporary folder and renamed when whole
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
+# ===== Checkpoints: sharded (DCP), written to a temporary folder, renamed when whole ==========================
 
 def list_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first: only a whole checkpoint is ever renamed to step-NNNNNNNN."""
-    root = run / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "meta.json").is_file()]
+    found = [p for p in (run / "checkpoints").glob("step-*") if (p / "meta.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(run: Path, model: nn.Module, optimizer, step: int, position: int, keep: int,
                     extra: dict) -> Path:
-    """Every rank writes its shards of the model and the optimizer state plus its RNG state into
-    checkpoints/.step-N.tmp; when all are done rank 0 adds meta.json and renames the folder to step-N, then
-    deletes all but the newest `keep`. A crash at any point leaves the previous checkpoints untouched."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = dist.get_rank()
-    final = run / "checkpoints" / f"step-{step:08d}"
-    tmp = run / "checkpoints" / f".step-{step:08d}.tmp"
+    """Every rank writes its shards of the model and the optimizer state into checkpoints/.step-N.tmp; when all
+    are done rank 0 adds meta.json and renames the folder to step-N, then deletes all but the newest `keep`.
+    A crash at any point leaves the previous checkpoints untouched."""
+    final, tmp = run / "checkpoints" / f"step-{step:08d}", run / "checkpoints" / f".step-{step:08d}.tmp"
     if (final / "meta.json").is_file():  # this very state is saved already (a resumed, finished run)
         return final
-    if rank == 0:
+    if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     dist.barrier()
-    if rank == 0:
-        meta = {"step": step, "position": position, "world_size": dist.get_world_size(), **extra}
-        vae.write_json(tmp / "meta.json", meta)
+    if dist.get_rank() == 0:
+        vae.write_json(tmp / "meta.json", {"step": step, "position": position, "world_size": dist.get_world_size(),
+                                           **extra})
         if final.exists():  # an incomplete folder of that name (no meta.json) cannot be resumed from anyway
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -595,53 +561,68 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer, step: int, position:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and (same world size) this rank's RNG state; returns meta.json. Resharding is
-    DCP's job, so the world size may differ from the saving run's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    meta = json.loads((folder / "meta.json").read_text())
+    """Restore model and optimizer (resharded by DCP: the world size may differ); returns meta.json."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = folder / f"rng-rank{dist.get_rank():05d}.pt"
-    if meta.get("world_size") == dist.get_world_size() and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return meta
+    return json.loads((folder / "meta.json").read_text())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Export: one official-layout safetensors file (what load_transformer and sample.py read)
-
-def export_state_dict(state: dict[str, Tensor], params, path: Path, dtype: torch.dtype) -> None:
-    """Write a full state dict as one official-layout safetensors file through mmdit.save_transformer (atomic;
-    the config hints that shapes cannot tell, like Flux's RoPE split, go into its metadata)."""
-    with torch.device("meta"):
-        model = (mmdit.Flux if isinstance(params, mmdit.FluxParams) else mmdit.MMDiT)(params)
-    model.load_state_dict({k: v.to("cpu", dtype) for k, v in state.items()}, assign=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mmdit.save_transformer(model, str(path))
-
+# ===== Export: one official-layout safetensors file (mmdit.save_transformer), as sample.py reads ==============
 
 def export_model(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     """Gather the full state dict (tensor by tensor, onto rank 0's CPU) and write it on rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        export_state_dict(state, model.params, path, dtype)
+        full = meta_model(model.params)
+        full.load_state_dict({k: v.to("cpu", dtype) for k, v in state.items()}, assign=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mmdit.save_transformer(full, str(path))
     dist.barrier()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# --dry-run: the per-GPU memory plan
+def export_checkpoint(args) -> None:
+    """`export`: one sharded checkpoint -> one official-layout safetensors file, in a single process."""
+    folder, out = Path(args.checkpoint), Path(args.out)
+    if not (folder / "meta.json").is_file():
+        raise vae.UserError(f"{folder}: not a complete checkpoint (no meta.json)")
+    try:
+        model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise vae.UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
+    warnings.filterwarnings("ignore", message=".*load in a single process")  # it is
+    # In place into the model's tensors; reassembles the shards of any world size.
+    dcp.load({"model": model.state_dict()}, checkpoint_id=str(folder), no_dist=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mmdit.save_transformer(model.to(DTYPES[args.dtype]), str(out))
+    print(f"exported {out} ({args.dtype}, official {type(model).__name__} layout) from {folder}")
+
+
+# ===== On the meta device: FLOPs for the log's MFU, and the --dry-run per-GPU memory plan =====================
+
+def train_flops_per_sample(params, latent_hw: tuple[int, int], text_tokens: int) -> float:
+    """Model FLOPs of one sample's forward + backward (3 × forward; the recomputation of checkpointing is not
+    counted, as MFU conventionally does). The forward is counted by torch's FlopCounterMode on a meta-device
+    copy: exact for this implementation (each stream's weights see only its own tokens, attention is L²)."""
+    x0, context, pooled = meta_batch(params, 1, latent_hw, text_tokens, torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        velocity_fn(meta_model(params, torch.bfloat16), context, pooled, 1.0)(x0, torch.empty(1, device="meta"))
+    return 3.0 * counter.get_total_flops()
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs (for the MFU estimate); None when unknown (then no MFU is printed)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    known = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
+             "L40S": 362.0, "4090": 165.0}
+    return next((value for key, value in known.items() if key in name), None)
 
 
 class _FlashLikeAttention(torch.autograd.Function):
     """Stands in for SDPA while probing on the meta device: it keeps for backward what the flash / cuDNN
     kernels keep on a GPU (q, k, v, the output and an fp32 log-sum-exp per query), not the L×L score
-    matrix that the math fallback (the only one meta tensors get) would keep."""
+    matrix that the math fallback (the only one meta tensors get) would keep. The probe runs no backward."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -649,45 +630,32 @@ class _FlashLikeAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
         return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-
-def probe_activations(model: nn.Module, latent_shape: tuple[int, ...], text_tokens: int, pooled_dim: int,
-                      context_dim: int, dtype: torch.dtype) -> dict:
+def probe_activations(model: nn.Module, latent_shape: tuple[int, ...], text_tokens: int, dtype: torch.dtype) -> dict:
     """Run one training forward of `model` (built on the meta device: shapes only, no memory, no FLOPs) and
     record what autograd saves for the backward pass, per transformer block and outside the blocks, plus each
     block's inputs (what activation checkpointing keeps). Tensors saved twice or as views count once."""
-    blocks = transformer_blocks(model)
+    blocks = model.blocks()
     params = {id(p) for p in model.parameters()}
-    saved: dict[int, dict[int, int]] = {}  # scope (block index, −1 = outside) -> {id(storage base): bytes}
-    largest: dict[int, int] = {}
-    inputs: dict[int, int] = {}  # id(tensor) -> bytes, unique over all blocks
-    block_inputs: dict[int, int] = {}  # block index -> bytes of its inputs
-    scope = [-1]
-    keep_alive = []  # ids are only unique among live objects
+    # {id: tensor} per scope; holding the tensors keeps them alive, so their ids stay unique.
+    saved = [{} for _ in range(len(blocks) + 1)]  # per block, then outside the blocks: storage bases
+    inputs = [{} for _ in blocks]  # per block: its floating-point inputs (RoPE's are complex)
+    scope = [-1]  # the block running now; −1 = outside (the last entry of `saved`)
 
-    def nbytes(t: Tensor) -> int:
-        return t.numel() * t.element_size()
+    def nbytes(tensors: dict) -> list[int]:
+        return [t.numel() * t.element_size() for t in tensors.values()]
 
     def pack(t: Tensor):
-        if id(t) not in params and not isinstance(t, nn.Parameter):
+        if id(t) not in params:
             base = t if t._base is None else t._base
-            keep_alive.append(base)
-            saved.setdefault(scope[0], {})[id(base)] = nbytes(base)
-            largest[scope[0]] = max(largest.get(scope[0], 0), nbytes(base))
+            saved[scope[0]][id(base)] = base
         return t
 
     def enter(index):
         def hook(module, args, kwargs):
             scope[0] = index
-            for value in [*args, *kwargs.values()]:
-                if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):  # RoPE: complex
-                    keep_alive.append(value)
-                    inputs[id(value)] = nbytes(value)
-                    block_inputs[index] = block_inputs.get(index, 0) + nbytes(value)
+            inputs[index].update({id(v): v for v in [*args, *kwargs.values()]
+                                  if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())})
         return hook
 
     def leave(module, args, kwargs, output):
@@ -700,86 +668,59 @@ def probe_activations(model: nn.Module, latent_shape: tuple[int, ...], text_toke
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: _FlashLikeAttention.apply(q, k, v)
     try:
-        B = latent_shape[0]
-        x0 = torch.empty(latent_shape, device="meta")
-        context = torch.empty(B, text_tokens, context_dim, device="meta", dtype=dtype)
-        pooled = torch.empty(B, pooled_dim, device="meta", dtype=dtype)
-        t = torch.empty(B, device="meta")
+        x0, context, pooled = meta_batch(model.params, latent_shape[0], latent_shape[-2:], text_tokens, dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            training_loss(velocity_fn(model, context, pooled, 3.5), x0, torch.empty_like(x0), t,
-                          Objective(loss="wlf"))
+            training_loss(velocity_fn(model, context, pooled, 3.5), x0, torch.empty_like(x0),
+                          torch.empty(latent_shape[0], device="meta"), Objective(loss="wlf"))
     finally:
         F.scaled_dot_product_attention = sdpa
         for h in handles:
             h.remove()
-    per_block = [sum(saved.get(i, {}).values()) for i in range(len(blocks))]
-    return {"block_saved": per_block, "block_largest": [largest.get(i, 0) for i in range(len(blocks))],
-            "block_input": [block_inputs.get(i, 0) for i in range(len(blocks))],
-            "outside_saved": sum(saved.get(-1, {}).values()), "block_inputs": sum(inputs.values())}
-
-
-GiB = 1024**3
-_PROBES: dict[tuple, dict] = {}
+    unique_inputs = {k: v for block in inputs for k, v in block.items()}  # vec and RoPE are shared by all blocks
+    return {"block_saved": [sum(nbytes(s)) for s in saved[:-1]],
+            "block_largest": [max(nbytes(s), default=0) for s in saved[:-1]],
+            "block_input": [sum(nbytes(i)) for i in inputs], "outside_saved": sum(nbytes(saved[-1])),
+            "block_inputs": sum(nbytes(unique_inputs))}
 
 
 def memory_plan(params, *, latent_hw: tuple[int, int], text_tokens: int, batch: int, world_size: int,
                 gpu_gib: float, precision: str = "bf16", activation_checkpointing: bool = True) -> dict:
-    """The per-GPU memory of a training step with FSDP2 + AdamW + activation checkpointing.
-
-    Parameters, gradients and AdamW's two moments are fp32 and sharded 1/world_size. FSDP gathers one block's
-    parameters in the compute dtype at a time (plus one prefetched); in backward a block's unsharded gradient
-    exists in the compute dtype and in fp32 for the reduce-scatter. Activations are measured, not guessed:
-    `probe_activations` runs this implementation's forward on the meta device and sums what autograd keeps.
-    The peak is in the backward pass; the optimizer step's temporaries (≈ one fp32 copy of the shard) come when
-    the activations are gone. Returns {"rows": [(label, bytes)], "allocated": bytes the allocator hands out
-    (what torch.cuda.max_memory_allocated reports), "total", "fits", "header"}."""
+    """The per-GPU memory at the peak of a training step (in backward; the optimizer step's temporaries come
+    when the activations are gone): {"rows": [(label, bytes)], "allocated" (what torch.cuda.max_memory_allocated
+    reports), "total", "fits", "header"}. Parameters, gradients and AdamW's moments are fp32, sharded; FSDP
+    gathers one block (plus one prefetched) in the compute dtype, whose gradient exists in that dtype and in
+    fp32 for the reduce-scatter. Activations are measured by `probe_activations`, not guessed."""
     dtype = DTYPES[precision]
-    kind = mmdit.Flux if isinstance(params, mmdit.FluxParams) else mmdit.MMDiT
-    with torch.device("meta"):
-        model = kind(params).to(dtype)
-    family = family_of(model)
-    blocks = transformer_blocks(model)
+    model = meta_model(params, dtype)
+    blocks = model.blocks()
     n = sum(p.numel() for p in model.parameters())
     block_n = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    other_n = n - sum(block_n)
-    context_dim = model.txt_in.in_features if family == "flux" else model.context_embedder.in_features
-    pooled_dim = model.vector_in.in_layer.in_features if family == "flux" else model.y_embedder.mlp[0].in_features
-    key = (repr(params), latent_hw, text_tokens, batch, precision)
-    if key not in _PROBES:  # a few seconds for 57 blocks on the meta device; plans often differ in world size only
-        _PROBES[key] = probe_activations(model, (batch, 16, *latent_hw), text_tokens, pooled_dim, context_dim, dtype)
-    probe = _PROBES[key]
+    probe = probe_activations(model, (batch, 16, *latent_hw), text_tokens, dtype)  # a few seconds for 57 blocks
 
     c = dtype.itemsize
-    rows = [
-        ("parameters, fp32, sharded", 4 * n / world_size),
-        ("gradients, fp32, sharded", 4 * n / world_size),
-        ("AdamW moments m and v, fp32, sharded", 8 * n / world_size),
-        (f"gathered parameters: 2 blocks ({precision}) + non-block layers", c * (2 * max(block_n) + other_n)),
-        (f"unsharded gradients of 1 block ({precision} + fp32 for reduce-scatter)", (c + 4) * max(block_n)),
-    ]
+    rows = [("parameters, fp32, sharded", 4 * n / world_size),
+            ("gradients, fp32, sharded", 4 * n / world_size),
+            ("AdamW moments m and v, fp32, sharded", 8 * n / world_size),
+            (f"gathered parameters: 2 blocks ({precision}) + non-block layers", c * (2 * max(block_n) + n - sum(block_n))),
+            (f"unsharded gradients of 1 block ({precision} + fp32 for reduce-scatter)", (c + 4) * max(block_n))]
     # In a block's backward: its recomputed activations, plus gradient buffers: the incoming and outgoing
     # activation gradients (≈ 2 × the block's inputs) and about two of its largest intermediates.
     transients = [2 * probe["block_input"][i] + 2 * probe["block_largest"][i] for i in range(len(blocks))]
     worst = max(range(len(blocks)), key=lambda i: probe["block_saved"][i] + transients[i])
     if activation_checkpointing:
-        rows += [
-            (f"checkpointed block inputs ({len(blocks)} blocks)", probe["block_inputs"]),
-            (f"block {worst} recomputed in backward (the worst)", probe["block_saved"][worst]),
-        ]
+        rows += [(f"checkpointed block inputs ({len(blocks)} blocks)", probe["block_inputs"]),
+                 (f"block {worst} recomputed in backward (the worst)", probe["block_saved"][worst])]
     else:
         rows += [(f"activations of all {len(blocks)} blocks (no checkpointing)", sum(probe["block_saved"]))]
-    rows += [
-        ("activations outside the blocks (embedders, final layer, loss)", probe["outside_saved"]),
-        ("backward transients (activation gradients)", transients[worst]),
-    ]
+    rows += [("activations outside the blocks (embedders, final layer, loss)", probe["outside_saved"]),
+             ("backward transients (activation gradients)", transients[worst])]
     allocated = sum(b for _, b in rows)
     rows += [("allocator fragmentation, assumed +10%", 0.10 * allocated),
              ("CUDA context, NCCL buffers, assumed", 2.5 * GiB)]
     total = sum(b for _, b in rows)
-    tokens = tokens_per_sample(family, latent_hw, text_tokens)
     header = (f"Memory plan per GPU: {n / 1e9:.2f} B parameters ({len(blocks)} blocks), latents 16×{latent_hw[0]}×"
-              f"{latent_hw[1]} → {tokens - text_tokens} image + {text_tokens} text tokens, batch {batch} per GPU × "
-              f"{world_size} GPUs, {precision} compute, FSDP2, activation checkpointing "
+              f"{latent_hw[1]} → {(latent_hw[0] // 2) * (latent_hw[1] // 2)} image + {text_tokens} text tokens, "
+              f"batch {batch} per GPU × {world_size} GPUs, {precision} compute, FSDP2, activation checkpointing "
               f"{'on' if activation_checkpointing else 'off'}")
     return {"rows": rows, "allocated": allocated, "total": total, "fits": total <= gpu_gib * GiB,
             "gpu_gib": gpu_gib, "header": header, "parameters": n}
@@ -793,202 +734,37 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training
-
-
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(message, flush=True)
-
-
-def train(args) -> None:
-    # Our output is reshaped, not modified in place, so FSDP's pre-backward hook on it stays intact.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    rank, world, device = setup_distributed(args.device)
-    run = Path(args.out)
-    shards = LatentShards(args.shards, args.max_samples)
-    m = shards.manifest
-    objective = Objective(args.loss, tuple(args.band_weights), args.wavelet_levels, args.timesteps,
-                          args.logit_mean, args.logit_std, args.shift)
-    global_batch = args.batch_size * args.grad_accum * world
-    resume = None
-    if args.resume is not None:
-        found = list_checkpoints(run)
-        if args.resume != "latest":
-            resume = Path(args.resume)
-            if not (resume / "meta.json").is_file():
-                raise vae.UserError(f"--resume {resume}: not a complete checkpoint (no meta.json)")
-        elif found:
-            resume = found[-1]
-        else:
-            _log(rank, f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.transformer}")
-
-    model = load_model(args.transformer, device, args.precision, not args.no_activation_checkpointing, rank)
-    family = family_of(model)
-    if m["family"] != family:
-        raise vae.UserError(f"{args.shards} was encoded for {m['family']} but {args.transformer} is a {family} "
-                        "transformer; precompute the shards with the matching --model")
-    p = model.params
-    wanted = (p.context_in_dim, p.vec_in_dim if family == "flux" else p.adm_in_channels,
-              p.in_channels // 4 if family == "flux" else p.in_channels)
-    got = (m["context_shape"][-1], m["pooled_dim"], m["latent_shape"][0])
-    if wanted != got:
-        raise vae.UserError(f"{args.shards} holds (text width, pooled width, latent channels) = {got} but the transformer "
-                        f"expects {wanted}: precompute with this model's text encoders and autoencoder")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay, eps=1e-8)
-    step, position, saved_step = 0, 0, None
-    if resume is not None:
-        meta = load_checkpoint(resume, model, optimizer)
-        step, position, saved_step = meta["step"], meta["position"], meta["step"]
-        _log(rank, f"resumed from {resume} (step {step}, sample position {position})")
-        if meta.get("global_batch") != global_batch:
-            _log(rank, f"note: global batch {global_batch} differs from the checkpoint's {meta.get('global_batch')}; "
-                       "the data continue from the saved sample position")
-
-    stream = SampleStream(len(shards), args.seed)
-    latent_hw = tuple(m["latent_shape"][-2:])
-    tokens = tokens_per_sample(family, latent_hw, m["context_shape"][0])
-    flops = train_flops_per_sample(model.params, latent_hw, m["context_shape"][0]) if rank == 0 else 0.0
-    peak = args.peak_tflops or peak_tflops(device)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        vae.write_json(run / "args.json", vars(args))
-        n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
-        print(f"{family} transformer, {n / 1e6:,.1f} M parameters; {len(shards)} samples; {world} rank(s) × batch "
-              f"{args.batch_size} × accumulation {args.grad_accum} = global batch {global_batch}; {tokens} tokens "
-              f"per sample; loss {objective.loss}; {args.precision} on {device.type}", flush=True)
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    log_file = open(run / "log.jsonl", "a") if rank == 0 else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    tic, window_steps = time.perf_counter(), 0
-    while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            # This rank's samples: positions first + j of the stream, the noise keyed by the same positions.
-            first = position + (micro * world + rank) * args.batch_size
-            batch = shards.get([stream[first + j] for j in range(args.batch_size)])
-            x0 = batch["latents"].to(device, torch.float32)
-            draws = [sample_noise(objective, tuple(x0.shape[1:]), args.seed, first + j) for j in range(args.batch_size)]
-            t = torch.stack([d[0] for d in draws]).to(device)
-            noise = torch.stack([d[1] for d in draws]).to(device)
-            velocity = velocity_fn(model, batch["context"].to(device), batch["pooled"].to(device), args.guidance)
-            loss = training_loss(velocity, x0, noise, t, objective)
-            # FSDP averages gradients over ranks; dividing by the accumulation steps makes it the global mean.
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        position += global_batch
-        window_steps += 1
-
-        if step % args.log_every == 0 or step == args.steps:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            loss_value = loss_sum.item() / (args.grad_accum * world)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            elapsed = time.perf_counter() - tic
-            images = window_steps * global_batch / elapsed
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                      "images_per_s": images, "tokens_per_s": images * tokens}
-            if peak:
-                record["mfu"] = images * flops / world / (peak * 1e12)
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
-            if rank == 0:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                text = (f"step {step} loss {loss_value:.5f} lr {lr:.2e} grad-norm {record['grad_norm']:.3f} "
-                        f"{images:.2f} img/s {images * tokens:,.0f} tok/s")
-                text += f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
-                text += f" peak {record['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in record else ""
-                (progress.write if progress else print)(text)
-            tic, window_steps = time.perf_counter(), 0
-        if progress:
-            progress.update(1)
-        periodic = args.checkpoint_every and step % args.checkpoint_every == 0
-        stopping = args.stop_after is not None and step >= args.stop_after
-        if (periodic or stopping) and step < args.steps:
-            path = save_checkpoint(run, model, optimizer, step, position, args.keep_checkpoints,
-                                   {"global_batch": global_batch, "shards": str(args.shards)})
-            saved_step = step
-            _log(rank, f"saved {path}")
-            tic = time.perf_counter()  # saving is not training throughput
-        if stopping and step < args.steps:
-            _log(rank, f"stopped after step {step} (--stop-after); continue with the same command and --resume")
-            break
-    if progress:
-        progress.close()
-    if step >= args.steps:
-        if args.checkpoint_every and saved_step != step:
-            save_checkpoint(run, model, optimizer, step, position, args.keep_checkpoints,
-                            {"global_batch": global_batch, "shards": str(args.shards)})
-        out = run / (args.export_name or ("transformer.safetensors"))
-        export_model(model, out, DTYPES[args.export_dtype])
-        _log(rank, f"exported {out} ({args.export_dtype}, official {family} layout)")
-    if log_file:
-        log_file.close()
-
-
-def export_checkpoint(args) -> None:
-    """`export`: one sharded checkpoint -> one official-layout safetensors file, in a single process."""
-    import torch.distributed.checkpoint as dcp
-
-    folder = Path(args.checkpoint)
-    if not (folder / "meta.json").is_file():
-        raise vae.UserError(f"{folder}: not a complete checkpoint (no meta.json)")
-    try:
-        model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise vae.UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reassembles the shards of any world size
-    export_state_dict(state["model"], model.params, Path(args.out), DTYPES[args.dtype])
-    print(f"exported {args.out} ({args.dtype}, official {family_of(model)} layout) from {folder}")
-
-
 def dry_run(args) -> None:
+    """`train --dry-run`: the plan for --model at --resolution, or for the shards' model and shapes."""
     if args.shards:
         m = LatentShards(args.shards).manifest
         latent_hw, text_tokens = tuple(m["latent_shape"][-2:]), m["context_shape"][0]
         name = args.model or m["model"]
+    elif not args.model:
+        raise vae.UserError("--dry-run needs --model NAME (or --shards) to know the architecture")
     else:
-        if not args.model:
-            raise vae.UserError("--dry-run needs --model NAME (or --shards) to know the architecture")
-        name = args.model
-        factor = 16 if args.f16 else 8
-        if args.resolution % (2 * factor):
-            raise vae.UserError(f"--resolution must be a multiple of {2 * factor} with the F{factor} autoencoder")
+        name, factor = args.model, 16 if args.f16 else 8
+        check_resolution(args.resolution, factor)
         latent_hw = (args.resolution // factor, args.resolution // factor)
-        text_tokens = args.text_tokens or default_text_tokens(name)
-    if name not in mmdit.CONFIGS:
-        raise vae.UserError(f"unknown --model {name!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+        # As `precompute` encodes by default: T5 tokens (Flux), 77 CLIP + T5 tokens (SD3).
+        text_tokens = args.text_tokens or (512 if name == "flux-dev" else 256) + (0 if name.startswith("flux") else 77)
+    check_model_name(name)
     plan = memory_plan(mmdit.CONFIGS[name], latent_hw=latent_hw, text_tokens=text_tokens, batch=args.batch_size,
-                       world_size=world, gpu_gib=args.gpu_memory, precision=args.precision,
-                       activation_checkpointing=not args.no_activation_checkpointing)
+                       world_size=args.world_size or int(os.environ.get("WORLD_SIZE", 1)), gpu_gib=args.gpu_memory,
+                       precision=args.precision, activation_checkpointing=not args.no_activation_checkpointing)
     print(f"{name}: {format_plan(plan)}")
 
 
-def default_text_tokens(model_name: str) -> int:
-    """Context length through the transformer, as `precompute` encodes by default: T5 tokens for Flux (512 dev,
-    256 schnell); SD3: 77 CLIP + 256 T5 tokens (diffusers' length)."""
-    if model_name.startswith("flux"):
-        return 256 if "schnell" in model_name else 512
-    return 77 + 256
+# ===== Command line ===========================================================================================
+
+def check_model_name(name: str) -> None:
+    if name not in mmdit.CONFIGS:
+        raise vae.UserError(f"unknown --model {name!r}; choose one of {', '.join(sorted(mmdit.CONFIGS))}")
+
+
+def check_resolution(resolution: int, factor: int) -> None:
+    if resolution % (2 * factor):
+        raise vae.UserError(f"--resolution {resolution} must be a multiple of {2 * factor} (F{factor}, 2×2 patches)")
 
 
 def positive_int(text: str) -> int:
@@ -999,13 +775,9 @@ def positive_int(text: str) -> int:
 
 
 def _band_weights(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        weights = []
-    if len(weights) != 4:
+    if len(text.split(",")) != 4:
         raise argparse.ArgumentTypeError("give 4 comma-separated numbers w_LL,w_LH,w_HL,w_HH, e.g. 1,1,1,1")
-    return weights
+    return [float(w) for w in text.split(",")]  # argparse reports a ValueError as an invalid value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1014,24 +786,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{precompute,train,export}")
 
     p = commands.add_parser("precompute", help="encode images and prompts once into latent shards")
-    p.add_argument("--data", required=True, help="image folder with metadata.jsonl ({\"file_name\", \"text\"} lines)")
+    p.add_argument("--data", required=True, help='image folder with metadata.jsonl ({"file_name", "text"} lines)')
     p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    p.add_argument("--model", required=True, help="flux-dev, flux-schnell, sd3-medium, sd3.5-medium, sd3.5-large: "
-                   "decides the prompt encoding (Flux: CLIP-L + T5; SD3: CLIP-L + CLIP-G + T5)")
-    p.add_argument("--weights", help="a diffusers snapshot (FLUX.1-dev, stable-diffusion-3-medium-diffusers, ...): "
-                   "text_encoder*/ + tokenizer*/ (and vae/ unless --vae); the flags below override its parts")
-    p.add_argument("--vae", help="autoencoder: ae.safetensors, an SD3 checkpoint, a diffusers vae/ folder, or the "
-                   "authors' SC-VAE (F16) weights")
-    p.add_argument("--f16", action="store_true", help="run the autoencoder as F16 (stride-2 first conv, "
-                   "Diffusion-4K's SC-VAE): 4096² -> 256² latents; default: F8 unless the file says F16")
+    p.add_argument("--model", required=True, help="config name; decides the prompt encoders (Flux: CLIP-L, T5)")
+    p.add_argument("--weights", help="a diffusers snapshot (text_encoder*/, tokenizer*/, vae/); flags override parts")
+    p.add_argument("--vae", help="ae.safetensors, an SD3 checkpoint, a diffusers vae/ folder, the authors' SC-VAE")
+    p.add_argument("--f16", action="store_true", help="run the autoencoder as F16 (default: F8 unless the file is F16)")
     p.add_argument("--clip-l", help="CLIP-L text encoder (transformers folder or safetensors file)")
     p.add_argument("--clip-g", help="CLIP-G text encoder with projection (SD3 only)")
     p.add_argument("--t5", help="T5-XXL v1.1 encoder (transformers folder or safetensors file)")
-    p.add_argument("--clip-l-tokenizer", help="CLIP-L tokenizer folder (default: the --clip-l folder)")
-    p.add_argument("--clip-g-tokenizer", help="CLIP-G tokenizer folder (default: the --clip-g folder)")
-    p.add_argument("--t5-tokenizer", help="T5 tokenizer folder (default: the --t5 folder)")
-    p.add_argument("--t5-tokens", type=int, help="T5 sequence length (default: 512 flux-dev, 256 flux-schnell and "
-                   "SD3, as in sampling; the authors trained Flux with 77)")
+    for name in ("clip-l", "clip-g", "t5"):
+        p.add_argument(f"--{name}-tokenizer", help=f"{name.upper()} tokenizer folder (default: the --{name} folder)")
+    p.add_argument("--t5-tokens", type=int, help="T5 sequence length (default: as sample.py, 512 flux-dev, else 256)")
     p.add_argument("--resolution", type=int, default=4096, help="square crop size after resizing the shorter side")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
@@ -1051,46 +817,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps (the authors: 20k)")
     t.add_argument("--batch-size", type=positive_int, default=4, help="samples per GPU per micro-step (the authors: 4)")
     t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the paper: 1e-6, constant)")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
-    t.add_argument("--beta1", type=float, default=0.9)
-    t.add_argument("--beta2", type=float, default=0.999)
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant")
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    t.add_argument("--loss", choices=["wlf", "mse"], default="wlf",
-                   help="wlf: Eq. 10 on x̂0 = x_t − t·v (the authors'); mse: plain velocity MSE")
-    t.add_argument("--band-weights", type=_band_weights, default=[1.0, 1.0, 1.0, 1.0],
-                   help="WLF weights w_LL,w_LH,w_HL,w_HH (default 1,1,1,1 = x0-space MSE)")
-    t.add_argument("--wavelet-levels", type=positive_int, default=1)
-    t.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform",
-                   help="t sampling (the authors' Flux run: uniform)")
-    t.add_argument("--logit-mean", type=float, default=0.0)
-    t.add_argument("--logit-std", type=float, default=1.0)
-    t.add_argument("--shift", type=float, default=1.0, help="t ← s·t/(1+(s−1)·t); 1 = no shift")
-    t.add_argument("--guidance", type=float, default=3.5, help="Flux-dev's guidance input during training")
-    t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="compute dtype (parameters, gradients, optimizer state stay fp32)")
+    t.add_argument("--max-samples", type=positive_int, help="use only the first N samples (e.g. overfit one batch)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sample order, noise and timesteps")
+    t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="compute dtype (the state: fp32)")
     t.add_argument("--no-activation-checkpointing", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
     t.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or (no value) "
-                   "from the newest one under --out, if any")
+    t.add_argument("--resume", nargs="?", const="latest", help="from a checkpoint folder; alone: the newest of --out")
     t.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
     t.add_argument("--export-dtype", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--export-name", help="file name of the final export (default transformer.safetensors)")
-    t.add_argument("--max-samples", type=positive_int, help="use only the first N samples (e.g. overfit one batch)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the sample order, noise and timesteps")
     t.add_argument("--log-every", type=positive_int, default=10)
     t.add_argument("--peak-tflops", type=float, help="per-GPU peak for the MFU estimate (default: known GPUs)")
     t.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
-    t.add_argument("--model", help="--dry-run: config name (flux-dev, sd3-medium, ...)")
-    t.add_argument("--resolution", type=int, default=4096, help="--dry-run: image size")
-    t.add_argument("--f16", action="store_true", help="--dry-run: F16 autoencoder (default F8)")
-    t.add_argument("--text-tokens", type=int, help="--dry-run: context length (default per model)")
-    t.add_argument("--world-size", type=int, help="--dry-run: number of GPUs (default $WORLD_SIZE or 1)")
-    t.add_argument("--gpu-memory", type=float, default=80, help="--dry-run: GiB per GPU")
+    g = t.add_argument_group("AdamW (defaults: the paper's)")
+    g.add_argument("--lr", type=float, default=1e-6, help="learning rate, constant after the warm-up")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g = t.add_argument_group("the objective (Eq. 10) and its timesteps")
+    g.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="wlf: Eq. 10 on x̂0; mse: velocity MSE")
+    g.add_argument("--band-weights", type=_band_weights, default=[1.0] * 4, help="w_LL,w_LH,w_HL,w_HH (1,1,1,1: x0 MSE)")
+    g.add_argument("--wavelet-levels", type=positive_int, default=1)
+    g.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform", help="t sampling")
+    g.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal: mean m of logit(t)")
+    g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal: standard deviation s of logit(t)")
+    g.add_argument("--shift", type=float, default=1.0, help="t ← s·t/(1+(s−1)·t); 1 = no shift")
+    g.add_argument("--guidance", type=float, default=3.5, help="Flux-dev's guidance input during training")
+    g = t.add_argument_group("--dry-run: print the per-GPU memory plan and exit (no weights, no GPU)")
+    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--model", help="config name (flux-dev, sd3-medium, ...; default: the shards')")
+    g.add_argument("--resolution", type=int, default=4096, help="image size")
+    g.add_argument("--f16", action="store_true", help="F16 autoencoder (default F8)")
+    g.add_argument("--text-tokens", type=int, help="context length (default: as precompute encodes)")
+    g.add_argument("--world-size", type=int, help="number of GPUs (default $WORLD_SIZE or 1)")
+    g.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
 
     e = commands.add_parser("export", help="write one checkpoint as an official-layout safetensors file")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-NNNNNNNN folder of a run")
@@ -1120,10 +884,9 @@ def _command(args) -> None:
         export_checkpoint(args)
     elif args.dry_run:
         dry_run(args)
+    elif missing := [f"--{n}" for n in ("shards", "transformer", "out") if getattr(args, n) is None]:
+        raise vae.UserError(f"train needs {', '.join(missing)} (or --dry-run)")
     else:
-        missing = [f"--{n}" for n in ("shards", "transformer", "out") if getattr(args, n) is None]
-        if missing:
-            raise vae.UserError(f"train needs {', '.join(missing)} (or --dry-run)")
         train(args)
 
 
