@@ -1,36 +1,34 @@
 """The denoisers: Flux.1 (dev, schnell) and SD3 / SD3.5 MM-DiT in plain PyTorch, with their loaders.
 
-Two families share this file (SPEC §1 and §3):
+Diffusion-4K fine-tunes these transformers unchanged (train_wlf.py); this file holds the two
+architectures and their checkpoint formats.
 
-- `Flux` (black-forest-labs/flux): double-stream blocks (text and image keep their own weights but
-  attend jointly), then single-stream blocks over the concatenated sequence; 3-axis RoPE on q and k;
-  latents packed 2×2 into tokens of 64 channels; timestep (and, for dev, distilled guidance) embedded
-  after a ×1000 scale.
-- `MMDiT` (Stability-AI sd3 / sd3.5 `mmditx.py`): joint blocks of a context and an x stream with a
+- `Flux`, shaped like black-forest-labs/flux `model.py` + `modules/layers.py`: double-stream blocks (text
+  and image keep their own weights but attend jointly), then single-stream blocks over the concatenated
+  sequence; 3-axis RoPE on q and k; latents packed 2×2 into tokens of 64 channels.
+- `MMDiT`, shaped like Stability-AI/sd3.5 `mmditx.py`: joint blocks of a context and an x stream with a
   stored 2-D sin-cos `pos_embed` cropped to the token grid; SD3.5 adds RMSNorm on q and k and, in
   SD3.5-medium, a second self-attention over the image tokens ("dual attention") in the first blocks.
 
-Module attribute names are the official checkpoint keys, so `state_dict()` IS the official layout
-and loading an official file needs no mapping. Only the diffusers layout is translated, through one
-table per family (`FLUX_DIFFUSERS_TABLE`, `SD3_DIFFUSERS_TABLE`) read in both directions.
+Module attribute names are the official checkpoint keys, so `state_dict()` IS the official layout; the
+diffusers layout (the one the authors' release uses) is translated by one table per family, read both ways.
+Numerics follow the official code (weights and activations in the checkpoint dtype, bf16) except that
+QK-RMSNorm and RoPE stay in fp32 until q and k are rounded once, just before attention; the official code
+rounds them once more in between.
 
-Numerics follow the official code: weights and activations stay in the checkpoint dtype (bf16), the
-affine-free LayerNorms and the modulation run in that dtype, while QK-RMSNorm and RoPE run in fp32 and
-are cast back once, just before attention (the official code rounds to bf16 once more in between).
-Attention is `F.scaled_dot_product_attention` on (B, H, L, D) views of (B, L, H, D) tensors, so flash
-kernels need no transposed copies.
-
-Use: `model = load_transformer(path, device="cuda", dtype=torch.bfloat16)`; for Flux feed
-`pack(latents)`, `flux_img_ids(h, w, B)`, `flux_txt_ids(L, B)` and `unpack(out, h, w)` (h, w: latent
-size). Training: `model.blocks()` lists the blocks to shard one by one, `model.gradient_checkpointing =
-True` recomputes each block in backward; `save_transformer` writes the official or diffusers layout.
+Use: `model = load_transformer(path, device="cuda", dtype=torch.bfloat16)`; for Flux feed `pack(latents)`,
+`flux_img_ids(h, w, B)`, `flux_txt_ids(L, B)` and `unpack(out, h, w)` (h, w: latent size). Training:
+`model.blocks()` lists the blocks to shard one by one, `model.gradient_checkpointing = True` recomputes
+each block in backward; `save_transformer` writes the official or the diffusers layout.
 """
 import json
 import math
 import os
 import re
 import uuid
+from collections import namedtuple
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -82,7 +80,7 @@ CONFIGS = {
     "sd3.5-large": SD3Params(depth=38, hidden_size=2432, num_heads=38, pos_embed_max_size=192, qk_norm=True),
 }
 
-# ------------------------------------------------------------------------------- shared functions
+# ----------------------------------------------------------------------- pieces both families use
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, time_factor: float = 1.0, max_period: float = 10_000):
@@ -93,66 +91,79 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, time_factor: float = 1.0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(1 + scale)·LayerNorm(x) + shift, with the affine-free LayerNorm (eps 1e-6) of both families.
-
-    x (B, L, C); shift, scale (B, 1, C). With one sample the modulation is LayerNorm's own affine, so
-    the whole thing is a single fused kernel; otherwise it is LayerNorm then one fused multiply-add.
-    """
-    if x.shape[0] == 1:
-        return F.layer_norm(x, x.shape[-1:], (1 + scale).flatten(), shift.flatten(), eps)
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+def split_qkv(qkv: torch.Tensor, num_heads: int):
+    """(B, L, 3·H·D) -> q, k, v views (B, L, H, D): a fused qkv projection's rows are [q | k | v], head-major."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int):
-    """(B, L, 3·H·D) -> q, k, v views of (B, L, H, D): the rows of a fused qkv are [q | k | v], head-major."""
-    B, L, _ = qkv.shape
-    return qkv.view(B, L, 3, num_heads, -1).unbind(2)
-
-
-def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dim (head_dim) computed in fp32, times the learned scale; returns fp32."""
-    return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (unmasked) attention, scale 1/sqrt(D): q, k, v (B, L, H, D) -> (B, L, H·D)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)  # kernels write (B, L, H, D) memory: usually no copy
-
-
-def rope_freqs(ids: torch.Tensor, axes_dim, theta: float) -> torch.Tensor:
-    """Rotations for RoPE: ids (B, L, n_axes) positions -> (B, L, 1, D/2) complex64 unit numbers.
-
-    Axis i owns d_i channels = d_i/2 pairs with ω_k = θ^(−2k/d_i); the axes are concatenated. Angles
-    are formed in float64 (positions reach 10^3 at 4K and fp32 would lose the low bits), as the
-    official code does, then rounded once to complex64.
-    """
-    f64 = torch.float64 if ids.device.type != "mps" else torch.float32
-    angles = []
-    for i, d in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=f64, device=ids.device) / d)  # (d/2,)
-        angles.append(ids[..., i].to(f64)[..., None] * omega)  # (B, L, d/2)
-    angles = torch.cat(angles, dim=-1)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(2)
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """QK-RMSNorm over head_dim (eps 1e-6) times the learned scale, in fp32 whatever the dtypes; returns fp32."""
+    return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps=1e-6)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2j, 2j+1) of x (B, L, H, D) by freqs (B, L, 1, D/2), in fp32.
-
-    (x_2j + i·x_2j+1)·(cos + i·sin) is the official 2×2 rotation [[cos, −sin], [sin, cos]]; one
-    complex multiply is one kernel where the real form takes six.
-    """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs).flatten(-2)
+    """Rotate each channel pair (x_2j, x_2j+1) of x (B, L, H, D) by its angle, in fp32: the official 2×2
+    rotation [[cos, −sin], [sin, cos]] is the complex product (x_2j + i·x_2j+1)·e^{iθ}."""
+    x = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x * freqs).flatten(-2)
 
 
-def _as_batch(t, batch: int, device) -> torch.Tensor:
-    t = torch.as_tensor(t, device=device)
-    return t.expand(batch) if t.ndim == 0 else t
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor | None = None) -> torch.Tensor:
+    """Full attention, scale 1/sqrt(D): q, k, v (B, L, H, D) -> (B, L, H·D), with RoPE on q and k first when
+    `pe` is given (Flux). q and k may arrive in fp32 (QK-norm, RoPE): they are rounded to v's dtype here.
+    Tokens stay on dim 1 as everywhere else; the transposes to SDPA's (B, H, L, D) are views, and this
+    (B, L, H, D) memory is what PyTorch's flash kernel reads and writes, so nothing is copied."""
+    if pe is not None:
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return x.transpose(1, 2).flatten(2)
+
+
+class LastLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear to the patch channels: Flux's `LastLayer` (patch 1) and the
+    SD3 `FinalLayer` are the same module with the same keys; the 2-way modulation is (shift, scale)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+def run_block(block: nn.Module, *args, checkpointing: bool):
+    """One transformer block; with activation checkpointing (and grads on) its activations are not kept but
+    recomputed in backward."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 # -------------------------------------------------------------------------------------------- Flux
+
+
+class EmbedND(nn.Module):
+    """Flux's RoPE over 3 position axes (index, row, col): axis i rotates axes_dim[i] channels of each head,
+    pair k by pos·ω_k, ω_k = θ^(−2k/axes_dim[i]). ids (B, L, 3) -> (B, L, 1, head_dim/2) complex64.
+    Angles are formed in float64 as in the official code: positions reach 10^3 at 4K and fp32 angles
+    would lose their low bits (MPS has no float64)."""
+
+    def __init__(self, theta: int, axes_dim):
+        super().__init__()
+        self.theta, self.axes_dim = theta, tuple(axes_dim)
+
+    def forward(self, ids):
+        f64 = torch.float32 if ids.device.type == "mps" else torch.float64
+        angles = []
+        for i, d in enumerate(self.axes_dim):
+            omega = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=f64, device=ids.device) / d)
+            angles.append(ids[..., i].to(f64)[..., None] * omega)
+        angles = torch.cat(angles, dim=-1)
+        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(2)
 
 
 class MLPEmbedder(nn.Module):
@@ -166,11 +177,12 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Flux's QK RMSNorm: only a learned `scale` (the key name in the checkpoint); applied by QKNorm."""
-
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm_fp32(x, self.scale)
 
 
 class QKNorm(nn.Module):
@@ -179,12 +191,13 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
 
-    def forward(self, q, k):  # (B, L, H, D) -> fp32
-        return rms_norm_fp32(q, self.query_norm.scale), rms_norm_fp32(k, self.key_norm.scale)
+    def forward(self, q, k):  # fp32 out: `attention` rounds them once
+        return self.query_norm(q), self.key_norm(k)
 
 
 class SelfAttention(nn.Module):
-    """Flux attention parameters: fused qkv, QK-norm, output projection (applied by the blocks)."""
+    """Flux's attention weights; the blocks apply them step by step, as a double-stream block attends over
+    both streams at once."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -193,64 +206,70 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x):
-        """x (B, L, C) -> q, k normalized in fp32 and v (B, L, H, D) in x's dtype."""
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k)
-        return q, k, v
+
+ModulationOut = namedtuple("ModulationOut", "shift scale gate")  # each (B, 1, C)
 
 
 class Modulation(nn.Module):
-    """adaLN: lin(silu(vec)) -> n × (B, 1, C), in the order (shift, scale, gate)[, shift, scale, gate]."""
+    """adaLN: lin(silu(vec)) -> one (single-stream) or two (double-stream) ModulationOut."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
+        self.is_double = double
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim)
 
     def forward(self, vec):
-        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
 
 class DoubleStreamBlock(nn.Module):
-    """Image and text keep separate weights and attend jointly over [txt, img]. (img|txt)_norm1/2 are
-    affine-free LayerNorms with no keys; `modulate` applies them."""
+    """Image and text keep separate weights and attend jointly over the sequence [txt, img]."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
-        mlp_hidden = int(hidden_size * mlp_ratio)
+        mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
         self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
-        self.img_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
-                                     nn.Linear(mlp_hidden, hidden_size))
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_dim), nn.GELU(approximate="tanh"),
+                                     nn.Linear(mlp_hidden_dim, hidden_size))
         self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
-        self.txt_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
-                                     nn.Linear(mlp_hidden, hidden_size))
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_dim), nn.GELU(approximate="tanh"),
+                                     nn.Linear(mlp_hidden_dim, hidden_size))
 
     def forward(self, img, txt, vec, pe):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
 
-        # joint attention over [txt, img]; RoPE in fp32 on the concatenated sequence, then one cast back
-        q = apply_rope(torch.cat((txt_q, img_q), dim=1), pe).to(img_v.dtype)  # (B, L, H, D)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=1), pe).to(img_v.dtype)
-        v = torch.cat((txt_v, img_v), dim=1)
-        attn = attention(q, k, v)  # (B, L, C)
-        n_txt = txt.shape[1]
-        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+        img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
+        img_q, img_k, img_v = split_qkv(self.img_attn.qkv(img_modulated), self.num_heads)
+        img_q, img_k = self.img_attn.norm(img_q, img_k)
 
-        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))  # x += gate·f(...), fused
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
+        txt_modulated = (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift
+        txt_q, txt_k, txt_v = split_qkv(self.txt_attn.qkv(txt_modulated), self.num_heads)
+        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k)
+
+        q, k, v = torch.cat((txt_q, img_q), dim=1), torch.cat((txt_k, img_k), dim=1), torch.cat((txt_v, img_v), dim=1)
+        attn = attention(q, k, v, pe)
+        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
-    """Parallel attention + MLP over the joint sequence: linear1 -> [qkv | mlp], linear2 on [attn | gelu(mlp)]."""
+    """Attention and MLP in parallel over the joint sequence: linear1 -> [qkv | mlp in], linear2 on
+    [attention out | gelu(mlp in)]."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -259,36 +278,27 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_hidden_dim)
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
         self.norm = QKNorm(hidden_size // num_heads)
+        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x, vec, pe):
-        shift, scale, gate = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden_size, self.mlp_hidden_dim],
-                               dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
+        mod, _ = self.modulation(vec)
+        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
+        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = split_qkv(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        q, k = apply_rope(q, pe).to(v.dtype), apply_rope(k, pe).to(v.dtype)
-        out = self.linear2(torch.cat((attention(q, k, v), F.gelu(mlp, approximate="tanh")), dim=-1))
-        return torch.addcmul(x, gate, out)
-
-
-class LastLayer(nn.Module):
-    def __init__(self, hidden_size: int, out_channels: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # shift first (official order)
-        return self.linear(modulate(x, shift, scale))
+        output = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=-1))
+        return x + mod.gate * output
 
 
 class Flux(nn.Module):
     """Flux.1 transformer. forward(img, img_ids, txt, txt_ids, timesteps, y, guidance=None) -> (B, L_img, 64).
 
-    img (B, L_img, in_channels) packed latents (`pack`), img_ids (B, L_img, 3) or (L_img, 3) (`flux_img_ids`),
-    txt (B, L_txt, context_in_dim), txt_ids likewise (`flux_txt_ids`), timesteps (B,) in [0, 1],
-    y (B, vec_in_dim) pooled CLIP-L, guidance (B,) distilled guidance scale (dev only).
+    img (B, L_img, in_channels) packed latents (`pack`), img_ids (B, L_img, 3) (`flux_img_ids`), txt (B, L_txt,
+    context_in_dim), txt_ids (B, L_txt, 3) (`flux_txt_ids`), timesteps (B,) in [0, 1], y (B, vec_in_dim) pooled
+    CLIP-L, guidance (B,) distilled guidance scale (dev only). Timesteps and guidance are embedded ×1000.
+    Inputs are cast to the weights' dtype; timesteps, guidance and ids stay fp32 into their embeddings.
     """
 
     def __init__(self, params: FluxParams):
@@ -299,7 +309,8 @@ class Flux(nn.Module):
         if sum(params.axes_dim) != H // params.num_heads:
             raise ValueError(f"axes_dim {tuple(params.axes_dim)} must sum to head_dim {H // params.num_heads}")
         self.params = params
-        self.gradient_checkpointing = False  # per-block activation checkpointing when grads are on
+        self.gradient_checkpointing = False
+        self.pe_embedder = EmbedND(params.theta, params.axes_dim)
         self.img_in = nn.Linear(params.in_channels, H)
         self.time_in = MLPEmbedder(256, H)
         self.vector_in = MLPEmbedder(params.vec_in_dim, H)
@@ -309,44 +320,33 @@ class Flux(nn.Module):
             DoubleStreamBlock(H, params.num_heads, params.mlp_ratio, params.qkv_bias) for _ in range(params.depth))
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(H, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks))
-        self.final_layer = LastLayer(H, params.out_channels)
+        self.final_layer = LastLayer(H, 1, params.out_channels)
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks in execution order: the units for FSDP sharding and checkpointing."""
         return [*self.double_blocks, *self.single_blocks]
 
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"Flux expects packed img (B, L, C) and txt (B, L, C), got {tuple(img.shape)} and "
                              f"{tuple(txt.shape)}: pack latents with mmdit.pack")
-        B, dtype = img.shape[0], self.img_in.weight.dtype
+        dtype = self.img_in.weight.dtype
         img = self.img_in(img.to(dtype))
-        vec = self.time_in(timestep_embedding(_as_batch(timesteps, B, img.device), 256, 1000.0).to(img.dtype))
-        if self.guidance_in is not None:
+        vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000).to(dtype))
+        if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this Flux checkpoint is guidance-distilled (dev): pass guidance, e.g. 3.5")
-            g = timestep_embedding(_as_batch(guidance, B, img.device), 256, 1000.0)  # ×1000 like timesteps
-            vec = vec + self.guidance_in(g.to(img.dtype))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256, time_factor=1000).to(dtype))
         vec = vec + self.vector_in(y.to(dtype))
         txt = self.txt_in(txt.to(dtype))
-
-        txt_ids = txt_ids[None] if txt_ids.ndim == 2 else txt_ids
-        img_ids = img_ids[None] if img_ids.ndim == 2 else img_ids
-        n = max(txt_ids.shape[0], img_ids.shape[0])
-        ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # sequence is [txt, img]
-        pe = rope_freqs(ids.to(img.device), self.params.axes_dim, self.params.theta)  # once per forward
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)
+            img, txt = run_block(block, img, txt, vec, pe, checkpointing=self.gradient_checkpointing)
+        img = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = self._run(block, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+            img = run_block(block, img, vec, pe, checkpointing=self.gradient_checkpointing)
+        return self.final_layer(img[:, txt.shape[1]:], vec)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -405,16 +405,10 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t, dtype):
-        return self.mlp(timestep_embedding(t, 256).to(dtype))  # t = σ·1000 already: no ×1000 here
-
-
 class VectorEmbedder(nn.Module):
+    """mmditx's VectorEmbedder, and its TimestepEmbedder too: the same MLP, there applied to the sinusoidal
+    embedding of t."""
+
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -435,7 +429,7 @@ class Mlp(nn.Module):
 
 
 class SD3SelfAttention(nn.Module):
-    """The official `SelfAttention` of mmditx: keys qkv, proj (absent when pre_only), ln_q / ln_k (SD3.5)."""
+    """mmditx's `SelfAttention`: keys qkv, proj (absent in a pre-only block), ln_q / ln_k (SD3.5 QK-norm)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, pre_only: bool = False):
         super().__init__()
@@ -445,11 +439,10 @@ class SD3SelfAttention(nn.Module):
         self.ln_q = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
         self.ln_k = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
 
-    def qkv_heads(self, x):
-        """x (B, L, C) -> q, k, v (B, L, H, D) in x's dtype (QK-norm computed in fp32)."""
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        if self.ln_q is not None:
-            q, k = rms_norm_fp32(q, self.ln_q.weight).to(v.dtype), rms_norm_fp32(k, self.ln_k.weight).to(v.dtype)
+    def pre_attention(self, x):  # (B, L, C) -> q, k, v (B, L, H, D)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        if self.ln_q is not None:  # in fp32 as Flux's QK-norm: `attention` rounds them once
+            q, k = rms_norm_fp32(q, self.ln_q.weight), rms_norm_fp32(k, self.ln_k.weight)
         return q, k, v
 
 
@@ -458,75 +451,64 @@ class DismantledBlock(nn.Module):
     gate_mlp[, shift_msa2, scale_msa2, gate_msa2]); a pre-only block (the last context block) has only
     (shift_msa, scale_msa) and no output projection or MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False,
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False,
                  x_block_self_attn: bool = False):
         super().__init__()
         self.pre_only = pre_only
-        self.attn = SD3SelfAttention(dim, num_heads, qk_norm, pre_only)
-        self.attn2 = SD3SelfAttention(dim, num_heads, qk_norm) if x_block_self_attn else None
-        self.mlp = None if pre_only else Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SD3SelfAttention(hidden_size, num_heads, qk_norm, pre_only)
+        self.attn2 = SD3SelfAttention(hidden_size, num_heads, qk_norm) if x_block_self_attn else None
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.n_mods = 9 if x_block_self_attn else 2 if pre_only else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, self.n_mods * hidden_size))
 
-    def modulation(self, c):
-        return self.adaLN_modulation(c)[:, None, :].chunk(self.n_mods, dim=-1)
+    def pre_attention(self, x, c):
+        """-> q, k, v for the joint attention, those of attn2 (None without), the modulation chunks."""
+        mods = self.adaLN_modulation(c)[:, None, :].chunk(self.n_mods, dim=-1)
+        x_norm = self.norm1(x)  # SD3.5 dual attention: both attentions read it, modulated differently
+        qkv = self.attn.pre_attention((1 + mods[1]) * x_norm + mods[0])
+        qkv2 = None if self.attn2 is None else self.attn2.pre_attention((1 + mods[7]) * x_norm + mods[6])
+        return qkv, qkv2, mods
 
-    def post_attention(self, x, attn, mods):
-        """Residuals after the joint attention: x += gate_msa·proj(attn); x += gate_mlp·mlp(modulate(x))."""
-        x = torch.addcmul(x, mods[2], self.attn.proj(attn))
-        return torch.addcmul(x, mods[5], self.mlp(modulate(x, mods[3], mods[4])))
+    def post_attention(self, x, attn, attn2, mods):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *msa2 = mods
+        x = x + gate_msa * self.attn.proj(attn)
+        if attn2 is not None:
+            x = x + msa2[2] * self.attn2.proj(attn2)  # gate_msa2
+        return x + gate_mlp * self.mlp((1 + scale_mlp) * self.norm2(x) + shift_mlp)
 
 
 class JointBlock(nn.Module):
-    """Joint attention of the context and x streams over [context, x], each with its own weights."""
+    """The context and x streams, each with its own weights, attend jointly over [context, x]."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool,
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool,
                  x_block_self_attn: bool):
         super().__init__()
-        self.context_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, pre_only=pre_only)
-        self.x_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, x_block_self_attn=x_block_self_attn)
+        self.context_block = DismantledBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=pre_only)
+        self.x_block = DismantledBlock(hidden_size, num_heads, mlp_ratio, qk_norm,
+                                       x_block_self_attn=x_block_self_attn)
 
     def forward(self, context, x, c):
-        c_mods, x_mods = self.context_block.modulation(c), self.x_block.modulation(c)
-        c_q, c_k, c_v = self.context_block.attn.qkv_heads(modulate(context, c_mods[0], c_mods[1]))
-        attn2 = self.x_block.attn2
-        if attn2 is None:
-            x_q, x_k, x_v = self.x_block.attn.qkv_heads(modulate(x, x_mods[0], x_mods[1]))
-        else:  # SD3.5 dual attention: both attentions read the same LayerNorm(x), modulated differently
-            x_norm = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-            x_q, x_k, x_v = self.x_block.attn.qkv_heads(torch.addcmul(x_mods[0], x_norm, 1 + x_mods[1]))
-            x_q2, x_k2, x_v2 = attn2.qkv_heads(torch.addcmul(x_mods[6], x_norm, 1 + x_mods[7]))
+        context_qkv, _, context_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat((a, b), dim=1) for a, b in zip(context_qkv, x_qkv))
+        attn = attention(q, k, v)
+        context_attn, x_attn = attn[:, :context.shape[1]], attn[:, context.shape[1]:]
+        x_attn2 = None if x_qkv2 is None else attention(*x_qkv2)  # over the x tokens alone
 
-        attn = attention(torch.cat((c_q, x_q), 1), torch.cat((c_k, x_k), 1), torch.cat((c_v, x_v), 1))
-        n_ctx = context.shape[1]
-        c_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]
-
-        if attn2 is None:
-            x = self.x_block.post_attention(x, x_attn, x_mods)
-        else:  # x += gate_msa·proj(attn); x += gate_msa2·proj2(self-attn over x); then the MLP
-            x = torch.addcmul(x, x_mods[2], self.x_block.attn.proj(x_attn))
-            x = torch.addcmul(x, x_mods[8], attn2.proj(attention(x_q2, x_k2, x_v2)))
-            x = torch.addcmul(x, x_mods[5], self.x_block.mlp(modulate(x, x_mods[3], x_mods[4])))
-        context = None if self.context_block.pre_only else self.context_block.post_attention(context, c_attn, c_mods)
-        return context, x
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(x, shift, scale))
+        x = self.x_block.post_attention(x, x_attn, x_attn2, x_mods)
+        if self.context_block.pre_only:
+            return None, x
+        return self.context_block.post_attention(context, context_attn, None, context_mods), x
 
 
 class MMDiT(nn.Module):
     """SD3 / SD3.5 MM-DiT. forward(x, t, y, context) -> (B, 16, H, W) velocity.
 
-    x (B, 16, H, W) latents (H, W multiples of the patch size), t (B,) = σ·1000, y (B, 2048) pooled
-    CLIP-L ‖ CLIP-G, context (B, L, 4096) text states.
+    x (B, 16, H, W) latents (H, W multiples of the patch size), t (B,) = σ·1000 (no ×1000 inside), y (B, 2048)
+    pooled CLIP-L ‖ CLIP-G, context (B, L, 4096) text states. Inputs are cast to the weights' dtype.
     """
 
     def __init__(self, params: SD3Params):
@@ -535,9 +517,9 @@ class MMDiT(nn.Module):
         if H % params.num_heads:
             raise ValueError(f"hidden_size {H} is not divisible by num_heads {params.num_heads}")
         self.params = params
-        self.gradient_checkpointing = False  # per-block activation checkpointing when grads are on
+        self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(params.patch_size, params.in_channels, H)
-        self.t_embedder = TimestepEmbedder(H)
+        self.t_embedder = VectorEmbedder(256, H)
         self.y_embedder = VectorEmbedder(params.adm_in_channels, H)
         self.context_embedder = nn.Linear(params.context_in_dim, H)
         # Persistent like the official buffer: checkpoints store it and load_transformer loads it. Built from
@@ -546,7 +528,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(H, params.num_heads, params.mlp_ratio, params.qk_norm, pre_only=i == params.depth - 1,
                        x_block_self_attn=i in params.x_block_self_attn_layers) for i in range(params.depth))
-        self.final_layer = FinalLayer(H, params.patch_size, params.out_channels)
+        self.final_layer = LastLayer(H, params.patch_size, params.out_channels)
 
     def blocks(self) -> list[nn.Module]:
         """The joint blocks in execution order: the units for FSDP sharding and checkpointing."""
@@ -560,38 +542,30 @@ class MMDiT(nn.Module):
                              f"side: this checkpoint handles latents up to {m * p}×{m * p} ({m * p * 8} px per side "
                              f"with the 8× VAE)")
         top, left = (m - h) // 2, (m - w) // 2
-        grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
-        return grid.reshape(1, h * w, -1)
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
     def forward(self, x, t, y, context):
         B, _, Hl, Wl = x.shape
-        p, dtype = self.params.patch_size, self.x_embedder.proj.weight.dtype
+        p, C, dtype = self.params.patch_size, self.params.out_channels, self.x_embedder.proj.weight.dtype
         if Hl % p or Wl % p:
             raise ValueError(f"latent size {Hl}×{Wl} is not a multiple of the patch size {p}")
         h, w = Hl // p, Wl // p
         x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w).to(dtype)  # (B, h·w, C)
-        c = self.t_embedder(_as_batch(t, B, x.device), x.dtype) + self.y_embedder(y.to(dtype))
+        c = self.t_embedder(timestep_embedding(t).to(dtype)) + self.y_embedder(y.to(dtype))
         context = self.context_embedder(context.to(dtype))
         for block in self.joint_blocks:
-            context, x = self._run(block, context, x, c)
+            context, x = run_block(block, context, x, c, checkpointing=self.gradient_checkpointing)
         x = self.final_layer(x, c)  # (B, h·w, p·p·C): channel fastest within a token
-        C = self.params.out_channels
         return x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hl, Wl)
 
 
-# --------------------------------------------------------------------- diffusers <-> official tables
+# ----------------------------------------------------------------- diffusers <-> official key tables
 #
-# One row per official tensor: (official key, diffusers key(s), op). "#" is a block index and "*" is
-# "weight" or "bias". Several diffusers keys are stacked along dim 0 in the order given (diffusers splits
-# the fused projections); going the other way the official tensor is split, every part but the last
-# having hidden_size rows (the last takes the rest: the MLP part of Flux's linear1). op "shift_scale":
-# a 2-way adaLN is (shift, scale) officially and (scale, shift) in diffusers (the final layers, SD3's
-# pre-only last context block); 6- and 9-way modulations are not reordered.
+# One row per official tensor: (official key, diffusers key(s)[, "shift_scale"]); "#" is a block index,
+# "*" is weight or bias. Where diffusers splits a fused projection, "{a,b,...}" lists its parts, stacked
+# along dim 0 in that order: each has hidden_size rows but the last, which takes the rest (the MLP part of
+# Flux's linear1). "shift_scale": a 2-way adaLN is (shift, scale) officially and (scale, shift) in
+# diffusers (the final layers, SD3's pre-only last context block); 6- and 9-way ones keep their order.
 
 FLUX_DIFFUSERS_TABLE = (
     ("img_in.*", "x_embedder.*"),
@@ -604,10 +578,8 @@ FLUX_DIFFUSERS_TABLE = (
     ("guidance_in.out_layer.*", "time_text_embed.guidance_embedder.linear_2.*"),
     ("double_blocks.#.img_mod.lin.*", "transformer_blocks.#.norm1.linear.*"),
     ("double_blocks.#.txt_mod.lin.*", "transformer_blocks.#.norm1_context.linear.*"),
-    ("double_blocks.#.img_attn.qkv.*",
-     "transformer_blocks.#.attn.to_q.* transformer_blocks.#.attn.to_k.* transformer_blocks.#.attn.to_v.*"),
-    ("double_blocks.#.txt_attn.qkv.*", "transformer_blocks.#.attn.add_q_proj.* transformer_blocks.#.attn.add_k_proj.* "
-                                       "transformer_blocks.#.attn.add_v_proj.*"),
+    ("double_blocks.#.img_attn.qkv.*", "transformer_blocks.#.attn.{to_q,to_k,to_v}.*"),
+    ("double_blocks.#.txt_attn.qkv.*", "transformer_blocks.#.attn.{add_q_proj,add_k_proj,add_v_proj}.*"),
     ("double_blocks.#.img_attn.norm.query_norm.scale", "transformer_blocks.#.attn.norm_q.weight"),
     ("double_blocks.#.img_attn.norm.key_norm.scale", "transformer_blocks.#.attn.norm_k.weight"),
     ("double_blocks.#.txt_attn.norm.query_norm.scale", "transformer_blocks.#.attn.norm_added_q.weight"),
@@ -619,8 +591,7 @@ FLUX_DIFFUSERS_TABLE = (
     ("double_blocks.#.txt_mlp.0.*", "transformer_blocks.#.ff_context.net.0.proj.*"),
     ("double_blocks.#.txt_mlp.2.*", "transformer_blocks.#.ff_context.net.2.*"),
     ("single_blocks.#.modulation.lin.*", "single_transformer_blocks.#.norm.linear.*"),
-    ("single_blocks.#.linear1.*", "single_transformer_blocks.#.attn.to_q.* single_transformer_blocks.#.attn.to_k.* "
-                                  "single_transformer_blocks.#.attn.to_v.* single_transformer_blocks.#.proj_mlp.*"),
+    ("single_blocks.#.linear1.*", "single_transformer_blocks.#.{attn.to_q,attn.to_k,attn.to_v,proj_mlp}.*"),
     ("single_blocks.#.norm.query_norm.scale", "single_transformer_blocks.#.attn.norm_q.weight"),
     ("single_blocks.#.norm.key_norm.scale", "single_transformer_blocks.#.attn.norm_k.weight"),
     ("single_blocks.#.linear2.*", "single_transformer_blocks.#.proj_out.*"),
@@ -639,18 +610,15 @@ SD3_DIFFUSERS_TABLE = (
     ("joint_blocks.#.x_block.adaLN_modulation.1.*", "transformer_blocks.#.norm1.linear.*"),
     ("joint_blocks.#.context_block.adaLN_modulation.1.*", "transformer_blocks.#.norm1_context.linear.*",
      "shift_scale"),
-    ("joint_blocks.#.x_block.attn.qkv.*",
-     "transformer_blocks.#.attn.to_q.* transformer_blocks.#.attn.to_k.* transformer_blocks.#.attn.to_v.*"),
-    ("joint_blocks.#.context_block.attn.qkv.*", "transformer_blocks.#.attn.add_q_proj.* "
-     "transformer_blocks.#.attn.add_k_proj.* transformer_blocks.#.attn.add_v_proj.*"),
+    ("joint_blocks.#.x_block.attn.qkv.*", "transformer_blocks.#.attn.{to_q,to_k,to_v}.*"),
+    ("joint_blocks.#.context_block.attn.qkv.*", "transformer_blocks.#.attn.{add_q_proj,add_k_proj,add_v_proj}.*"),
     ("joint_blocks.#.x_block.attn.ln_q.weight", "transformer_blocks.#.attn.norm_q.weight"),
     ("joint_blocks.#.x_block.attn.ln_k.weight", "transformer_blocks.#.attn.norm_k.weight"),
     ("joint_blocks.#.context_block.attn.ln_q.weight", "transformer_blocks.#.attn.norm_added_q.weight"),
     ("joint_blocks.#.context_block.attn.ln_k.weight", "transformer_blocks.#.attn.norm_added_k.weight"),
     ("joint_blocks.#.x_block.attn.proj.*", "transformer_blocks.#.attn.to_out.0.*"),
     ("joint_blocks.#.context_block.attn.proj.*", "transformer_blocks.#.attn.to_add_out.*"),
-    ("joint_blocks.#.x_block.attn2.qkv.*",
-     "transformer_blocks.#.attn2.to_q.* transformer_blocks.#.attn2.to_k.* transformer_blocks.#.attn2.to_v.*"),
+    ("joint_blocks.#.x_block.attn2.qkv.*", "transformer_blocks.#.attn2.{to_q,to_k,to_v}.*"),
     ("joint_blocks.#.x_block.attn2.ln_q.weight", "transformer_blocks.#.attn2.norm_q.weight"),
     ("joint_blocks.#.x_block.attn2.ln_k.weight", "transformer_blocks.#.attn2.norm_k.weight"),
     ("joint_blocks.#.x_block.attn2.proj.*", "transformer_blocks.#.attn2.to_out.0.*"),
@@ -662,77 +630,59 @@ SD3_DIFFUSERS_TABLE = (
     ("final_layer.adaLN_modulation.1.*", "norm_out.linear.*", "shift_scale"),
 )
 
-_TABLES = {"flux": FLUX_DIFFUSERS_TABLE, "sd3": SD3_DIFFUSERS_TABLE}
+# The input embedding's key tells a checkpoint's family and layout; its rows are hidden_size.
+EMBEDDING = {("flux", "official"): "img_in.weight", ("flux", "diffusers"): "x_embedder.weight",
+             ("sd3", "official"): "x_embedder.proj.weight", ("sd3", "diffusers"): "pos_embed.proj.weight"}
 
 
-def _pattern(template: str) -> re.Pattern:
-    rx = re.escape(template).replace("\\#", r"(?P<i>\d+)").replace("\\*", r"(?P<p>weight|bias)")
-    return re.compile(rx)
-
-
-def _fill(template: str, m: re.Match) -> str:
-    groups = m.groupdict()
-    return template.replace("#", groups.get("i") or "").replace("*", groups.get("p") or "")
+def _table(family: str, keys) -> list[tuple[str, list[str], bool]]:
+    """The family's table written out for the block indices in `keys` (of either layout):
+    (official key, [diffusers keys], swap shift and scale)."""
+    blocks = sorted({m[1] for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))})
+    rows = []
+    for official, diffusers, *swap in FLUX_DIFFUSERS_TABLE if family == "flux" else SD3_DIFFUSERS_TABLE:
+        head, _, rest = diffusers.partition("{")
+        parts, _, tail = rest.partition("}")
+        names = [head + part + tail for part in parts.split(",")] if rest else [diffusers]
+        for i in blocks if "#" in official else [""]:
+            for p in ("weight", "bias") if "*" in official else [""]:
+                rows.append((official.replace("#", i).replace("*", p),
+                             [n.replace("#", i).replace("*", p) for n in names], bool(swap)))
+    return rows
 
 
 def _swap_halves(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(shift, scale) <-> (scale, shift) for a 2-way adaLN; leaves 6- and 9-way modulations alone."""
-    if t.shape[0] != 2 * hidden:
-        return t
-    a, b = t.chunk(2, dim=0)
-    return torch.cat((b, a), dim=0)
-
-
-def _hidden_size(sd: dict, family: str) -> int:
-    key = {"flux": ("img_in.weight", "x_embedder.weight"),
-           "sd3": ("x_embedder.proj.weight", "pos_embed.proj.weight")}[family]
-    for k in key:
-        if k in sd:
-            return sd[k].shape[0]
-    raise ValueError(f"cannot find the input embedding ({' or '.join(key)}) to size the {family} transformer")
+    """(shift, scale) <-> (scale, shift) of a 2-way adaLN; 6- and 9-way modulations are left alone."""
+    return torch.cat(t.chunk(2)[::-1]) if t.shape[0] == 2 * hidden else t
 
 
 def to_diffusers(sd: dict, family: str) -> dict:
     """Official-layout state dict -> diffusers layout (FluxTransformer2DModel / SD3Transformer2DModel)."""
-    rows = [(_pattern(o), d.split(), op[0] if op else None) for o, d, *op in _TABLES[family]]
-    hidden, out, unknown = _hidden_size(sd, family), {}, []
-    for key, t in sd.items():
-        for rx, targets, op in rows:
-            m = rx.fullmatch(key)
-            if m:
-                break
-        else:
-            unknown.append(key)
-            continue
-        names = [_fill(d, m) for d in targets]
-        if op == "shift_scale":
-            t = _swap_halves(t, hidden)
-        sizes = [hidden] * (len(names) - 1) + [t.shape[0] - hidden * (len(names) - 1)]
-        out.update(zip(names, t.split(sizes, dim=0) if len(names) > 1 else [t]))
+    rows = {official: (names, swap) for official, names, swap in _table(family, sd)}
+    unknown = [k for k in sd if k not in rows]
     if unknown:
         raise ValueError(f"{len(unknown)} official {family} keys have no diffusers name: {', '.join(unknown[:4])}")
+    hidden, out = sd[EMBEDDING[family, "official"]].shape[0], {}
+    for key, t in sd.items():
+        names, swap = rows[key]
+        t = _swap_halves(t, hidden) if swap else t
+        out.update(zip(names, t.split([hidden] * (len(names) - 1) + [t.shape[0] - hidden * (len(names) - 1)])))
     return out
 
 
 def from_diffusers(sd: dict, family: str) -> dict:
-    """diffusers-layout state dict -> official layout; strict: any key the table does not know is an error."""
-    rows = [(_pattern(d.split()[0]), o, d.split(), op[0] if op else None) for o, d, *op in _TABLES[family]]
-    hidden, out, used, missing = _hidden_size(sd, family), {}, set(), []
-    for key in sd:
-        for rx, official, sources, op in rows:
-            m = rx.fullmatch(key)
-            if m:
-                break
-        else:
-            continue  # a later part of a stacked tensor, or unknown (reported below)
-        names = [_fill(s, m) for s in sources]
-        if any(n not in sd for n in names):
+    """diffusers-layout state dict -> official layout; strict: a key the table does not know, or a missing part
+    of a stacked tensor, is an error."""
+    hidden, out, used, missing = sd[EMBEDDING[family, "diffusers"]].shape[0], {}, set(), []
+    for official, names, swap in _table(family, sd):
+        parts = [n for n in names if n in sd]  # none: a tensor this model lacks (schnell's guidance_in, attn2)
+        used.update(parts)
+        if parts and len(parts) < len(names):
             missing += [n for n in names if n not in sd]
-            continue
-        t = torch.cat([sd[n] for n in names], dim=0) if len(names) > 1 else sd[names[0]]
-        out[_fill(official, m)] = _swap_halves(t, hidden) if op == "shift_scale" else t
-        used.update(names)
-    unexpected = [k for k in sd if k not in used and k not in missing]
+        elif parts:
+            t = torch.cat([sd[n] for n in names]) if len(names) > 1 else sd[names[0]]
+            out[official] = _swap_halves(t, hidden) if swap else t
+    unexpected = [k for k in sd if k not in used]
     if missing or unexpected:
         raise ValueError(f"diffusers {family} checkpoint does not match the key table: "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
@@ -740,133 +690,95 @@ def from_diffusers(sd: dict, family: str) -> dict:
 
 
 def diffusers_config(params) -> dict:
-    """The diffusers config.json for a model with these params (used by `save_transformer(layout="diffusers")`)."""
+    """The diffusers config.json for a model with these params."""
     if params.mlp_ratio != 4.0:
         raise ValueError(f"diffusers fixes mlp_ratio at 4, this model has {params.mlp_ratio}")
-    head_dim = params.hidden_size // params.num_heads
-    if isinstance(params, FluxParams):
-        return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": params.in_channels,
-                "out_channels": params.out_channels, "num_layers": params.depth,
-                "num_single_layers": params.depth_single_blocks, "attention_head_dim": head_dim,
-                "num_attention_heads": params.num_heads, "joint_attention_dim": params.context_in_dim,
-                "pooled_projection_dim": params.vec_in_dim, "guidance_embeds": params.guidance_embed,
-                "axes_dims_rope": list(params.axes_dim)}
-    return {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": params.patch_size,
-            "in_channels": params.in_channels, "out_channels": params.out_channels, "num_layers": params.depth,
-            "attention_head_dim": head_dim, "num_attention_heads": params.num_heads,
-            "joint_attention_dim": params.context_in_dim, "caption_projection_dim": params.hidden_size,
-            "pooled_projection_dim": params.adm_in_channels, "pos_embed_max_size": params.pos_embed_max_size,
-            "dual_attention_layers": list(params.x_block_self_attn_layers),
-            "qk_norm": "rms_norm" if params.qk_norm else None}
+    p, head_dim = params, params.hidden_size // params.num_heads
+    if isinstance(p, FluxParams):
+        return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=p.in_channels,
+                    out_channels=p.out_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+                    attention_head_dim=head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+                    pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed, axes_dims_rope=list(p.axes_dim))
+    return dict(_class_name="SD3Transformer2DModel", sample_size=128, patch_size=p.patch_size,
+                in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
+                attention_head_dim=head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+                caption_projection_dim=p.hidden_size, pooled_projection_dim=p.adm_in_channels,
+                pos_embed_max_size=p.pos_embed_max_size, dual_attention_layers=list(p.x_block_self_attn_layers),
+                qk_norm="rms_norm" if p.qk_norm else None)
 
 
-# ------------------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------- loading and saving
 
 OFFICIAL_PREFIX = "model.diffusion_model."
 
 
-def _find_files(path: str):
-    """-> (list of safetensors files, the diffusers config dict or None). Raises one clear line on bad paths."""
+def _find_files(path) -> tuple[list[str], dict | None]:
+    """-> (the safetensors files, the diffusers config or None) for a .safetensors file, an index .json, a
+    folder holding one of them, or a diffusers pipeline folder (its transformer/)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"transformer weights not found: {path} (give a .safetensors file, an index .json, "
                                 f"or a diffusers folder with config.json)")
+    if os.path.isdir(os.path.join(path, "transformer")):
+        path = os.path.join(path, "transformer")
     if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):  # a diffusers pipeline folder
-            path = os.path.join(path, "transformer")
         names = sorted(os.listdir(path))
-        indexes = [n for n in names if n.endswith(".safetensors.index.json")]
-        singles = [n for n in names if n.endswith(".safetensors")]
-        if indexes:
-            preferred = [n for n in indexes if n.startswith("diffusion_pytorch_model")]
-            return _find_files(os.path.join(path, (preferred or indexes)[0]))
-        if "diffusion_pytorch_model.safetensors" in singles:
-            singles = ["diffusion_pytorch_model.safetensors"]
-        if len(singles) != 1:
-            raise FileNotFoundError(f"{path}: expected one .safetensors file or an index .json, found "
-                                    f"{len(singles)} .safetensors files: pass the file itself")
-        path = os.path.join(path, singles[0])
+        found = ([n for n in names if n.endswith(".safetensors.index.json")]
+                 or [n for n in names if n.endswith(".safetensors")])
+        found = [n for n in found if n.startswith("diffusion_pytorch_model")] or found
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected one .safetensors file or index .json, found {len(found)}")
+        path = os.path.join(path, found[0])
     folder = os.path.dirname(os.path.abspath(path))
+    files = [path]
     if path.endswith(".json"):
         with open(path) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not weight_map:
-            raise ValueError(f"{path}: not a safetensors index (no weight_map)")
-        files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
-        absent = [f for f in files if not os.path.exists(f)]
-        if absent:
-            raise FileNotFoundError(f"{path}: shard {absent[0]} is missing ({len(absent)} of {len(files)} absent)")
-    elif path.endswith(".safetensors"):
-        files = [path]
-    else:
-        raise ValueError(f"{path}: expected a .safetensors file, an index .json or a folder")
+            files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
     config = None
-    config_path = os.path.join(folder, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
+    if os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
-        if config.get("_class_name") not in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
-            config = None  # some other model's config next to the file: shapes decide everything anyway
+    if config and config.get("_class_name") not in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+        config = None  # some other model's config next to the file: the shapes decide everything anyway
     return files, config
 
 
-def _detect(keys) -> tuple[str, str]:
-    """-> (family "flux" | "sd3", layout "official" | "diffusers") from the key names."""
-    if "img_in.weight" in keys or any(k.startswith("double_blocks.") for k in keys):
-        return "flux", "official"
-    if "x_embedder.proj.weight" in keys or any(k.startswith("joint_blocks.") for k in keys):
-        return "sd3", "official"
-    if "pos_embed.proj.weight" in keys:
-        return "sd3", "diffusers"
-    if "x_embedder.weight" in keys or any(k.startswith("single_transformer_blocks.") for k in keys):
-        return "flux", "diffusers"
-    raise ValueError(f"not a Flux or SD3 transformer checkpoint (first keys: {', '.join(sorted(keys)[:3])})")
-
-
-def _block_indices(keys, prefix: str) -> list[int]:
-    return sorted({int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)})
-
-
 def infer_params(shapes: dict, family: str, hints: dict | None = None):
-    """Config from the official-layout tensor shapes (SPEC §1, §3). `hints` (from a diffusers config.json
-    or our own file metadata) supply what shapes cannot tell: RoPE axes and, without QK-norm, head_dim."""
+    """The config of an official-layout state dict from its tensor shapes. `hints` (a diffusers config.json, or
+    the metadata save_transformer writes) supply what shapes cannot tell: RoPE axes and, without QK-norm,
+    head_dim."""
     hints = hints or {}
+
+    def count(prefix):
+        return len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
+
     if family == "flux":
         H = shapes["img_in.weight"][0]
-        norms = [k for k in ("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.query_norm.scale")
-                 if k in shapes]
-        head_dim = shapes[norms[0]][0] if norms else hints.get("head_dim") or 128
-        # official checkpoints carry no RoPE split: (16, 56, 56) for head_dim 128, the same proportions otherwise
+        norm = shapes.get("double_blocks.0.img_attn.norm.query_norm.scale")
+        head_dim = norm[0] if norm else hints.get("head_dim") or 128
+        # official files carry no RoPE split: (16, 56, 56) for head_dim 128, the same proportions otherwise
         axes = tuple(hints.get("axes_dim") or (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16))
-        if "double_blocks.0.img_mlp.0.weight" in shapes:
-            mlp_ratio = shapes["double_blocks.0.img_mlp.0.weight"][0] / H
-        else:
-            mlp_ratio = (shapes["single_blocks.0.linear1.weight"][0] - 3 * H) / H
         return FluxParams(
             in_channels=shapes["img_in.weight"][1], out_channels=shapes["final_layer.linear.weight"][0],
             vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
-            hidden_size=H, mlp_ratio=mlp_ratio, num_heads=H // head_dim,
-            depth=len(_block_indices(shapes, "double_blocks.")),
-            depth_single_blocks=len(_block_indices(shapes, "single_blocks.")), axes_dim=axes,
-            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes,
+            hidden_size=H, mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / H, num_heads=H // head_dim,
+            depth=count("double_blocks."), depth_single_blocks=count("single_blocks."), axes_dim=axes,
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes)
     H, C_in, p, _ = shapes["x_embedder.proj.weight"]
-    if "joint_blocks.0.x_block.attn.ln_q.weight" in shapes:
-        head_dim = shapes["joint_blocks.0.x_block.attn.ln_q.weight"][0]
-    else:  # shapes cannot tell without QK-norm: every official SD3 has head_dim 64 (heads = depth)
-        head_dim = hints.get("head_dim") or 64
-    depth = len(_block_indices(shapes, "joint_blocks."))
+    norm = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
+    head_dim = norm[0] if norm else hints.get("head_dim") or 64  # every official SD3 has head_dim 64
+    depth = count("joint_blocks.")
     return SD3Params(
         patch_size=p, in_channels=C_in, out_channels=shapes["final_layer.linear.weight"][0] // (p * p), depth=depth,
         hidden_size=H, num_heads=H // head_dim, mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / H,
         adm_in_channels=shapes["y_embedder.mlp.0.weight"][1], context_in_dim=shapes["context_embedder.weight"][1],
-        pos_embed_max_size=round(math.sqrt(shapes["pos_embed"][1])),
-        qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in shapes,
-        x_block_self_attn_layers=tuple(i for i in range(depth)
-                                       if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes))
+        pos_embed_max_size=math.isqrt(shapes["pos_embed"][1]), qk_norm=norm is not None,
+        x_block_self_attn_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes))
 
 
 def _check_keys(model: nn.Module, sd: dict, where: str, family: str):
+    """The one strict check of names and shapes: a wrong file fails naming its keys, never half-loaded."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -876,7 +788,7 @@ def _check_keys(model: nn.Module, sd: dict, where: str, family: str):
         raise ValueError(f"{where}: keys do not match the {family} transformer inferred from its shapes: "
                          f"missing {listing(missing)}, unexpected {listing(unexpected)}")
     for k, t in expected.items():
-        if tuple(t.shape) != tuple(sd[k].shape):
+        if t.shape != sd[k].shape:
             raise ValueError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the inferred config needs {tuple(t.shape)}")
 
 
@@ -888,36 +800,30 @@ def load_transformer(path: str, *, device="cpu", dtype: torch.dtype | None = Non
     from safetensors import safe_open
 
     files, config = _find_files(path)
-    where = {}  # key -> file
-    metadata = {}
+    keys, metadata = [], {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             metadata.update(f.metadata() or {})
-            for k in f.keys():
-                where[k] = file
-    if any(k.startswith(OFFICIAL_PREFIX) for k in where):  # ignore first_stage_model.*, text_encoders.*
-        names = {k[len(OFFICIAL_PREFIX):]: k for k in where if k.startswith(OFFICIAL_PREFIX)}
-    else:
-        names = {k: k for k in where}
-    family, layout = _detect(names.keys())
-
+            keys += f.keys()
+    prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in keys) else ""  # skip a bundled VAE etc.
+    family, layout = next((fl for fl, key in EMBEDDING.items() if prefix + key in keys), (None, None))
+    if family is None:
+        raise ValueError(f"not a Flux or SD3 transformer checkpoint (first keys: {', '.join(sorted(keys)[:3])})")
     sd = {}
     for file in files:
         with safe_open(file, framework="pt", device=str(device)) as f:
-            for short, full in names.items():
-                if where[full] == file:
-                    t = f.get_tensor(full)
-                    sd[short] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            for key in f.keys():
+                if key.startswith(prefix):
+                    t = f.get_tensor(key)
+                    sd[key[len(prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if layout == "diffusers":
         sd = from_diffusers(sd, family)
-
-    hints = {}
-    if "mmdit_params" in metadata:  # written by save_transformer
+    if "mmdit_params" in metadata:
         hints = json.loads(metadata["mmdit_params"])
-    elif config:
-        hints = {"axes_dim": config.get("axes_dims_rope"), "head_dim": config.get("attention_head_dim")}
+    else:
+        hints = {"axes_dim": config.get("axes_dims_rope"), "head_dim": config.get("attention_head_dim")} if config else {}
     try:
-        params = infer_params({k: tuple(t.shape) for k, t in sd.items()}, family, hints)
+        params = infer_params({k: t.shape for k, t in sd.items()}, family, hints)
     except KeyError as e:
         raise ValueError(f"{path}: {family} checkpoint lacks {e.args[0]}, needed to infer its config") from None
     with torch.device("meta"):
@@ -927,42 +833,37 @@ def load_transformer(path: str, *, device="cpu", dtype: torch.dtype | None = Non
     return model.eval()
 
 
+def _atomic_write(target: str, write):
+    """write(tmp) beside `target`, then rename it over: a crash never leaves a half-written file. The scripts
+    share vae.atomic_write; a model file imports nothing of the project, hence this small twin."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        mask = os.umask(0o022)  # read the umask and put it back: safetensors writes 0600, but exported
+        os.umask(mask)  # weights should get the permissions of any file the user creates
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_transformer(model: "Flux | MMDiT", path: str, *, layout: str = "official"):
     """Write the weights atomically: layout "official" -> one .safetensors file (the official key layout, with
     the params in the metadata); "diffusers" -> a folder with config.json and diffusion_pytorch_model.safetensors."""
     from safetensors.torch import save_file
 
-    family = "flux" if isinstance(model, Flux) else "sd3"
+    family, p = ("flux" if isinstance(model, Flux) else "sd3"), model.params
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-    def atomic(write, target):
-        # a unique name beside the target
-        tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.{os.getpid()}-"
-                           f"{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            write(tmp)
-            mask = os.umask(0o022)  # read the umask (and put it back): safetensors writes its files 0600,
-            os.umask(mask)  # but exported weights should get the permissions of any file the user creates
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
     if layout == "official":
-        meta = {"format": "pt", "mmdit_params": json.dumps(
-            {"axes_dim": list(model.params.axes_dim)} if family == "flux" else
-            {"head_dim": model.params.hidden_size // model.params.num_heads})}
-        atomic(lambda tmp: save_file(sd, tmp, metadata=meta), path)
+        hints = {"axes_dim": list(p.axes_dim)} if family == "flux" else {"head_dim": p.hidden_size // p.num_heads}
+        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "mmdit_params": json.dumps(hints)}))
     elif layout == "diffusers":
         os.makedirs(path, exist_ok=True)
         dsd = {k: v.contiguous() for k, v in to_diffusers(sd, family).items()}
-        atomic(lambda tmp: save_file(dsd, tmp, metadata={"format": "pt"}),
-               os.path.join(path, "diffusion_pytorch_model.safetensors"))
-
-        def write_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(diffusers_config(model.params), f, indent=2)
-        atomic(write_config, os.path.join(path, "config.json"))
+        _atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"),
+                      lambda tmp: save_file(dsd, tmp, metadata={"format": "pt"}))
+        config = json.dumps(diffusers_config(p), indent=2)
+        _atomic_write(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(config))
     else:
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")

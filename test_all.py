@@ -960,10 +960,6 @@ def _mmdit_randomize(model: torch.nn.Module, seed: int = 0):
     return model.eval()
 
 
-def _mmdit_rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _mmdit_diffusers_flux(guidance=True, heads=2, head_dim=32, axes=(8, 12, 12)):
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(0)
@@ -1026,7 +1022,7 @@ def test_mmdit_flux_matches_diffusers(tmp_path, guidance, batch, h, w, heads, he
         out, expected = ours(**inp), _mmdit_flux_diffusers_forward(ref, inp)
     assert out.shape == expected.shape == (batch, (h // 2) * (w // 2), 16)
     # fp32 on both sides; only the op order differs (fused vs split qkv, complex vs real RoPE): ~1e-7
-    assert _mmdit_rel(out, expected) <= 1e-5
+    assert rel(out, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("qk_norm,dual,batch,h,w", [
@@ -1045,7 +1041,7 @@ def test_mmdit_sd3_matches_diffusers(tmp_path, qk_norm, dual, batch, h, w):
     with torch.no_grad():
         out, expected = ours(**inp), _mmdit_sd3_diffusers_forward(ref, inp)
     assert out.shape == expected.shape == (batch, 4, h, w)
-    assert _mmdit_rel(out, expected) <= 1e-5  # fp32, op order only (fused vs split qkv)
+    assert rel(out, expected) <= 1e-5  # fp32, op order only (fused vs split qkv)
 
 
 def test_mmdit_save_diffusers_layout_loads_in_diffusers(tmp_path):
@@ -1058,7 +1054,7 @@ def test_mmdit_save_diffusers_layout_loads_in_diffusers(tmp_path):
     ref = FluxTransformer2DModel.from_pretrained(str(tmp_path / "flux")).eval()
     inp = _mmdit_flux_inputs(2, 8, 12)
     with torch.no_grad():
-        assert _mmdit_rel(flux(**inp), _mmdit_flux_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
+        assert rel(flux(**inp), _mmdit_flux_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
 
     sd3 = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(
         in_channels=4, out_channels=4, depth=3, hidden_size=128, num_heads=2, adm_in_channels=12, context_in_dim=24,
@@ -1067,7 +1063,7 @@ def test_mmdit_save_diffusers_layout_loads_in_diffusers(tmp_path):
     ref = SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3")).eval()
     inp = _mmdit_sd3_inputs(2, 12, 8)
     with torch.no_grad():
-        assert _mmdit_rel(sd3(**inp), _mmdit_sd3_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
+        assert rel(sd3(**inp), _mmdit_sd3_diffusers_forward(ref, inp)) <= 1e-5  # fp32, op order only
 
 
 # ---------------------------------------------------- the official layout, checked against diffusers' converters
@@ -1087,7 +1083,7 @@ def test_mmdit_sd3_official_layout_through_diffusers_converter():
     ref.load_state_dict(converted, strict=True)
     inp = _mmdit_sd3_inputs(2, 10, 12)
     with torch.no_grad():
-        assert _mmdit_rel(ours(**inp), _mmdit_sd3_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order only
+        assert rel(ours(**inp), _mmdit_sd3_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order only
 
 
 def test_mmdit_flux_official_layout_through_diffusers_converter():
@@ -1117,7 +1113,7 @@ def test_mmdit_flux_official_layout_through_diffusers_converter():
     ref.load_state_dict(converted, strict=True)
     inp = _mmdit_flux_inputs(2, 8, 12)
     with torch.no_grad():
-        assert _mmdit_rel(ours(**inp), _mmdit_flux_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order
+        assert rel(ours(**inp), _mmdit_flux_diffusers_forward(ref.eval(), inp)) <= 1e-5  # fp32, op order
 
 
 def test_mmdit_official_configs_match_spec():
@@ -1206,7 +1202,7 @@ def test_mmdit_flux_loader_layouts(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in bf16.state_dict().values())
     with torch.no_grad():
         out = bf16(**inp)
-    assert out.dtype == torch.bfloat16 and _mmdit_rel(out.float(), expected) < 3e-2  # bf16 weights: ~1e-2
+    assert out.dtype == torch.bfloat16 and rel(out.float(), expected) < 3e-2  # bf16 weights: ~1e-2
 
 
 def test_mmdit_sd3_loader_layouts(tmp_path):
