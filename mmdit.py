@@ -1,32 +1,26 @@
-"""The denoisers: Flux.1 (dev, schnell) and SD3 / SD3.5 MM-DiT in plain PyTorch, with their loaders.
+"""The denoisers Diffusion-4K fine-tunes, unchanged: Flux.1 (dev, schnell) and SD3 / SD3.5 MM-DiT, with loaders.
 
-Diffusion-4K fine-tunes these transformers unchanged (train_wlf.py); this file holds the two
-architectures and their checkpoint formats.
+- `Flux`, shaped like black-forest-labs/flux `model.py` + `modules/layers.py`: double-stream blocks (text and
+  image keep their own weights but attend jointly), then single-stream blocks over the joint sequence; 3-axis
+  RoPE on q and k; latents packed 2×2 into tokens of 64 channels.
+- `MMDiT`, shaped like Stability-AI/sd3.5 `mmditx.py`: joint blocks of a context and an x stream, a stored 2-D
+  sin-cos `pos_embed` cropped to the token grid; SD3.5 adds RMSNorm on q and k and, in SD3.5-medium, a second
+  self-attention over the image tokens ("dual attention") in the first blocks.
 
-- `Flux`, shaped like black-forest-labs/flux `model.py` + `modules/layers.py`: double-stream blocks (text
-  and image keep their own weights but attend jointly), then single-stream blocks over the concatenated
-  sequence; 3-axis RoPE on q and k; latents packed 2×2 into tokens of 64 channels.
-- `MMDiT`, shaped like Stability-AI/sd3.5 `mmditx.py`: joint blocks of a context and an x stream with a
-  stored 2-D sin-cos `pos_embed` cropped to the token grid; SD3.5 adds RMSNorm on q and k and, in
-  SD3.5-medium, a second self-attention over the image tokens ("dual attention") in the first blocks.
-
-Module attribute names are the official checkpoint keys, so `state_dict()` IS the official layout; the
-diffusers layout (the one the authors' release uses) is translated by one table per family, read both ways.
-Numerics follow the official code (weights and activations in the checkpoint dtype, bf16) except that
-QK-RMSNorm and RoPE stay in fp32 until q and k are rounded once, just before attention; the official code
-rounds them once more in between.
+Module attribute names are the official checkpoint keys, so `state_dict()` IS the official layout; the diffusers
+layout (the authors' release uses diffusers) is translated by one table per family, read both ways. Numerics are
+the official ones except that QK-RMSNorm and RoPE stay in fp32 until q, k are rounded once before attention.
 
 Use: `model = load_transformer(path, device="cuda", dtype=torch.bfloat16)`; for Flux feed `pack(latents)`,
 `flux_img_ids(h, w, B)`, `flux_txt_ids(L, B)` and `unpack(out, h, w)` (h, w: latent size). Training:
-`model.blocks()` lists the blocks to shard one by one, `model.gradient_checkpointing = True` recomputes
-each block in backward; `save_transformer` writes the official or the diffusers layout.
+`model.blocks()` are the units to shard, `model.gradient_checkpointing = True` recomputes each in backward.
 """
 import json
 import math
 import os
 import re
 import uuid
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
 # ----------------------------------------------------------------------------------------- configs
-
-
 @dataclass
 class FluxParams:
     in_channels: int = 64  # 16 latent channels × (2×2 packing)
@@ -80,9 +73,8 @@ CONFIGS = {
     "sd3.5-large": SD3Params(depth=38, hidden_size=2432, num_heads=38, pos_embed_max_size=192, qk_norm=True),
 }
 
+
 # ----------------------------------------------------------------------- pieces both families use
-
-
 def timestep_embedding(t: torch.Tensor, dim: int = 256, time_factor: float = 1.0, max_period: float = 10_000):
     """Sinusoidal embedding of t·time_factor: (B,) -> (B, dim) fp32, [cos | sin], ω_i = max_period^(−i/(dim/2))."""
     half = dim // 2
@@ -102,17 +94,16 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (x_2j, x_2j+1) of x (B, L, H, D) by its angle, in fp32: the official 2×2
-    rotation [[cos, −sin], [sin, cos]] is the complex product (x_2j + i·x_2j+1)·e^{iθ}."""
+    """Turn each channel pair (x_2j, x_2j+1) of x (B, L, H, D) by its angle, in fp32: the official 2×2 rotation
+    [[cos, −sin], [sin, cos]] is the complex product (x_2j + i·x_2j+1)·e^{iθ}."""
     x = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(x * freqs).flatten(-2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor | None = None) -> torch.Tensor:
-    """Full attention, scale 1/sqrt(D): q, k, v (B, L, H, D) -> (B, L, H·D), with RoPE on q and k first when
-    `pe` is given (Flux). q and k may arrive in fp32 (QK-norm, RoPE): they are rounded to v's dtype here.
-    Tokens stay on dim 1 as everywhere else; the transposes to SDPA's (B, H, L, D) are views, and this
-    (B, L, H, D) memory is what PyTorch's flash kernel reads and writes, so nothing is copied."""
+    """Full attention: q, k, v (B, L, H, D) -> (B, L, H·D), RoPE on q and k first when `pe` is given (Flux); q
+    and k may come in fp32 (QK-norm, RoPE) and are rounded to v's dtype here. Tokens stay on dim 1 as everywhere
+    else: the transposes to SDPA's (B, H, L, D) are views of the memory layout its flash kernel works in."""
     if pe is not None:
         q, k = apply_rope(q, pe), apply_rope(k, pe)
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -121,8 +112,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tenso
 
 
 class LastLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear to the patch channels: Flux's `LastLayer` (patch 1) and the
-    SD3 `FinalLayer` are the same module with the same keys; the 2-way modulation is (shift, scale)."""
+    """adaLN-modulated LayerNorm, then a linear to the patch channels: Flux's `LastLayer` (patch 1) and SD3's
+    `FinalLayer` are this one module with the same keys; the 2-way modulation is (shift, scale)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -136,21 +127,16 @@ class LastLayer(nn.Module):
 
 
 def run_block(block: nn.Module, *args, checkpointing: bool):
-    """One transformer block; with activation checkpointing (and grads on) its activations are not kept but
-    recomputed in backward."""
+    """One block; with activation checkpointing (and grads on) its activations are recomputed in backward."""
     if checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
 
 # -------------------------------------------------------------------------------------------- Flux
-
-
 class EmbedND(nn.Module):
-    """Flux's RoPE over 3 position axes (index, row, col): axis i rotates axes_dim[i] channels of each head,
-    pair k by pos·ω_k, ω_k = θ^(−2k/axes_dim[i]). ids (B, L, 3) -> (B, L, 1, head_dim/2) complex64.
-    Angles are formed in float64 as in the official code: positions reach 10^3 at 4K and fp32 angles
-    would lose their low bits (MPS has no float64)."""
+    """RoPE angles pos·θ^(−2k/d) for the channel pairs k of 3 axes (index, row, col) of d = axes_dim[i] channels:
+    ids (B, L, 3) -> (B, L, 1, head_dim/2) complex64. In float64 as officially: positions reach 10^3 at 4K."""
 
     def __init__(self, theta: int, axes_dim):
         super().__init__()
@@ -176,13 +162,10 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module):  # its learned `scale`, applied by QKNorm
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm_fp32(x, self.scale)
 
 
 class QKNorm(nn.Module):
@@ -192,13 +175,10 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
     def forward(self, q, k):  # fp32 out: `attention` rounds them once
-        return self.query_norm(q), self.key_norm(k)
+        return rms_norm_fp32(q, self.query_norm.scale), rms_norm_fp32(k, self.key_norm.scale)
 
 
-class SelfAttention(nn.Module):
-    """Flux's attention weights; the blocks apply them step by step, as a double-stream block attends over
-    both streams at once."""
-
+class SelfAttention(nn.Module):  # weights only: the blocks apply them step by step
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
@@ -210,18 +190,15 @@ class SelfAttention(nn.Module):
 ModulationOut = namedtuple("ModulationOut", "shift scale gate")  # each (B, 1, C)
 
 
-class Modulation(nn.Module):
-    """adaLN: lin(silu(vec)) -> one (single-stream) or two (double-stream) ModulationOut."""
-
+class Modulation(nn.Module):  # adaLN: lin(silu(vec)) -> one (single-stream) or two (double-stream) ModulationOut
     def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.is_double = double
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim)
 
     def forward(self, vec):
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
-        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.multiplier == 6 else None
 
 
 class DoubleStreamBlock(nn.Module):
@@ -251,7 +228,6 @@ class DoubleStreamBlock(nn.Module):
         img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
         img_q, img_k, img_v = split_qkv(self.img_attn.qkv(img_modulated), self.num_heads)
         img_q, img_k = self.img_attn.norm(img_q, img_k)
-
         txt_modulated = (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift
         txt_q, txt_k, txt_v = split_qkv(self.txt_attn.qkv(txt_modulated), self.num_heads)
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k)
@@ -268,8 +244,7 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """Attention and MLP in parallel over the joint sequence: linear1 -> [qkv | mlp in], linear2 on
-    [attention out | gelu(mlp in)]."""
+    """Attention and MLP in parallel: linear1 -> [qkv | mlp in], linear2 on [attention out | gelu(mlp in)]."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -296,9 +271,8 @@ class Flux(nn.Module):
     """Flux.1 transformer. forward(img, img_ids, txt, txt_ids, timesteps, y, guidance=None) -> (B, L_img, 64).
 
     img (B, L_img, in_channels) packed latents (`pack`), img_ids (B, L_img, 3) (`flux_img_ids`), txt (B, L_txt,
-    context_in_dim), txt_ids (B, L_txt, 3) (`flux_txt_ids`), timesteps (B,) in [0, 1], y (B, vec_in_dim) pooled
-    CLIP-L, guidance (B,) distilled guidance scale (dev only). Timesteps and guidance are embedded ×1000.
-    Inputs are cast to the weights' dtype; timesteps, guidance and ids stay fp32 into their embeddings.
+    context_in_dim), txt_ids (B, L_txt, 3) (`flux_txt_ids`), timesteps (B,) in [0, 1] and guidance (B,) (dev
+    only), both embedded ×1000, y (B, vec_in_dim) pooled CLIP-L. Inputs are cast to the weights' dtype.
     """
 
     def __init__(self, params: FluxParams):
@@ -340,7 +314,6 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y.to(dtype))
         txt = self.txt_in(txt.to(dtype))
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-
         for block in self.double_blocks:
             img, txt = run_block(block, img, txt, vec, pe, checkpointing=self.gradient_checkpointing)
         img = torch.cat((txt, img), dim=1)
@@ -361,16 +334,12 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Inverse of `pack`: (B, h/2·w/2, 4·C) -> (B, C, h, w) for a latent of h × w."""
     B, L, D = x.shape
-    if h % 2 or w % 2 or L != (h // 2) * (w // 2):
-        raise ValueError(f"cannot unpack {L} tokens into an even {h}×{w} latent")
     x = x.reshape(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
     return x.reshape(B, D // 4, h, w)
 
 
 def flux_img_ids(h: int, w: int, batch: int = 1, device=None) -> torch.Tensor:
     """Image position ids (B, h/2·w/2, 3) = (0, row, col) over the token grid of an h × w latent."""
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height and width must be even, got {h}×{w}")
     ids = torch.zeros(h // 2, w // 2, 3, device=device)
     ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
     ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
@@ -383,32 +352,7 @@ def flux_txt_ids(length: int, batch: int = 1, device=None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ SD3 / MM-DiT
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """The SD3 fixed 2-D sin-cos embedding (grid², dim): channels [col sin | col cos | row sin | row cos],
-    ω_k = 1/10000^(k/(dim/4)); tokens in row-major order. Official checkpoints store it; tiny configs use this."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    angles = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]  # (grid, dim/4)
-    emb = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim/2) per coordinate
-    col = emb[None, :, :].expand(grid, grid, -1)
-    row = emb[:, None, :].expand(grid, grid, -1)
-    return torch.cat([col, row], dim=-1).reshape(grid * grid, dim).float()
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_channels: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):  # (B, C, H, W) -> (B, h·w, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
 class VectorEmbedder(nn.Module):
-    """mmditx's VectorEmbedder, and its TimestepEmbedder too: the same MLP, there applied to the sinusoidal
-    embedding of t."""
-
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -417,20 +361,7 @@ class VectorEmbedder(nn.Module):
         return self.mlp(x)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SD3SelfAttention(nn.Module):
-    """mmditx's `SelfAttention`: keys qkv, proj (absent in a pre-only block), ln_q / ln_k (SD3.5 QK-norm)."""
-
+class SD3SelfAttention(nn.Module):  # mmditx's SelfAttention; no proj in a pre-only block, ln_q / ln_k in SD3.5
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, pre_only: bool = False):
         super().__init__()
         self.num_heads = num_heads
@@ -447,9 +378,8 @@ class SD3SelfAttention(nn.Module):
 
 
 class DismantledBlock(nn.Module):
-    """One stream of a joint block. adaLN chunks: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-    gate_mlp[, shift_msa2, scale_msa2, gate_msa2]); a pre-only block (the last context block) has only
-    (shift_msa, scale_msa) and no output projection or MLP."""
+    """One stream of a joint block, adaLN-modulated by 6 chunks (9 with attn2) in the order of post_attention; a
+    pre-only block (the last context block) has only (shift_msa, scale_msa) and no output projection or MLP."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False,
                  x_block_self_attn: bool = False):
@@ -459,13 +389,15 @@ class DismantledBlock(nn.Module):
         self.attn = SD3SelfAttention(hidden_size, num_heads, qk_norm, pre_only)
         self.attn2 = SD3SelfAttention(hidden_size, num_heads, qk_norm) if x_block_self_attn else None
         if not pre_only:
+            mlp_hidden_dim = int(hidden_size * mlp_ratio)
             self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+            self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, mlp_hidden_dim),  # mmditx's Mlp
+                                                 act=nn.GELU(approximate="tanh"),
+                                                 fc2=nn.Linear(mlp_hidden_dim, hidden_size)))
         self.n_mods = 9 if x_block_self_attn else 2 if pre_only else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, self.n_mods * hidden_size))
 
-    def pre_attention(self, x, c):
-        """-> q, k, v for the joint attention, those of attn2 (None without), the modulation chunks."""
+    def pre_attention(self, x, c):  # -> q, k, v; those of attn2 (or None); the modulation chunks
         mods = self.adaLN_modulation(c)[:, None, :].chunk(self.n_mods, dim=-1)
         x_norm = self.norm1(x)  # SD3.5 dual attention: both attentions read it, modulated differently
         qkv = self.attn.pre_attention((1 + mods[1]) * x_norm + mods[0])
@@ -497,7 +429,6 @@ class JointBlock(nn.Module):
         attn = attention(q, k, v)
         context_attn, x_attn = attn[:, :context.shape[1]], attn[:, context.shape[1]:]
         x_attn2 = None if x_qkv2 is None else attention(*x_qkv2)  # over the x tokens alone
-
         x = self.x_block.post_attention(x, x_attn, x_attn2, x_mods)
         if self.context_block.pre_only:
             return None, x
@@ -513,18 +444,15 @@ class MMDiT(nn.Module):
 
     def __init__(self, params: SD3Params):
         super().__init__()
-        H = params.hidden_size
-        if H % params.num_heads:
-            raise ValueError(f"hidden_size {H} is not divisible by num_heads {params.num_heads}")
+        H, p = params.hidden_size, params.patch_size
         self.params = params
         self.gradient_checkpointing = False
-        self.x_embedder = PatchEmbed(params.patch_size, params.in_channels, H)
-        self.t_embedder = VectorEmbedder(256, H)
+        self.x_embedder = nn.Sequential(OrderedDict(proj=nn.Conv2d(params.in_channels, H, p, stride=p)))  # PatchEmbed
+        self.t_embedder = VectorEmbedder(256, H)  # mmditx's TimestepEmbedder: the same MLP, on timestep_embedding(t)
         self.y_embedder = VectorEmbedder(params.adm_in_channels, H)
         self.context_embedder = nn.Linear(params.context_in_dim, H)
-        # Persistent like the official buffer: checkpoints store it and load_transformer loads it. Built from
-        # the formula here so that a model made from a config alone is complete.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(H, params.pos_embed_max_size)[None])
+        # the fixed 2-D sin-cos embedding of a max×max token grid, as officially a buffer the checkpoint fills
+        self.register_buffer("pos_embed", torch.zeros(1, params.pos_embed_max_size ** 2, H))
         self.joint_blocks = nn.ModuleList(
             JointBlock(H, params.num_heads, params.mlp_ratio, params.qk_norm, pre_only=i == params.depth - 1,
                        x_block_self_attn=i in params.x_block_self_attn_layers) for i in range(params.depth))
@@ -550,7 +478,7 @@ class MMDiT(nn.Module):
         if Hl % p or Wl % p:
             raise ValueError(f"latent size {Hl}×{Wl} is not a multiple of the patch size {p}")
         h, w = Hl // p, Wl // p
-        x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w).to(dtype)  # (B, h·w, C)
+        x = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2) + self.cropped_pos_embed(h, w).to(dtype)
         c = self.t_embedder(timestep_embedding(t).to(dtype)) + self.y_embedder(y.to(dtype))
         context = self.context_embedder(context.to(dtype))
         for block in self.joint_blocks:
@@ -559,75 +487,53 @@ class MMDiT(nn.Module):
         return x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hl, Wl)
 
 
-# ----------------------------------------------------------------- diffusers <-> official key tables
-#
-# One row per official tensor: (official key, diffusers key(s)[, "shift_scale"]); "#" is a block index,
-# "*" is weight or bias. Where diffusers splits a fused projection, "{a,b,...}" lists its parts, stacked
-# along dim 0 in that order: each has hidden_size rows but the last, which takes the rest (the MLP part of
-# Flux's linear1). "shift_scale": a 2-way adaLN is (shift, scale) officially and (scale, shift) in
-# diffusers (the final layers, SD3's pre-only last context block); 6- and 9-way ones keep their order.
-
+# ------------------------------------------------------------------ diffusers <-> official key tables
+# (official key, diffusers key): "#" is a block index, "*" weight or bias, and "{a,b,...}" lists alternatives.
+# With alternatives on both sides a row is several tensors, paired in order; on the diffusers side only, they
+# are the parts diffusers splits one fused projection into, stacked along dim 0 in this order (each hidden_size
+# rows but the last, which takes the rest: the MLP part of Flux's linear1). A 2-way adaLN_modulation (the final
+# layers, SD3's pre-only last context block) is (shift, scale) officially and (scale, shift) in diffusers.
 FLUX_DIFFUSERS_TABLE = (
     ("img_in.*", "x_embedder.*"),
     ("txt_in.*", "context_embedder.*"),
-    ("time_in.in_layer.*", "time_text_embed.timestep_embedder.linear_1.*"),
-    ("time_in.out_layer.*", "time_text_embed.timestep_embedder.linear_2.*"),
-    ("vector_in.in_layer.*", "time_text_embed.text_embedder.linear_1.*"),
-    ("vector_in.out_layer.*", "time_text_embed.text_embedder.linear_2.*"),
-    ("guidance_in.in_layer.*", "time_text_embed.guidance_embedder.linear_1.*"),
-    ("guidance_in.out_layer.*", "time_text_embed.guidance_embedder.linear_2.*"),
-    ("double_blocks.#.img_mod.lin.*", "transformer_blocks.#.norm1.linear.*"),
-    ("double_blocks.#.txt_mod.lin.*", "transformer_blocks.#.norm1_context.linear.*"),
+    ("time_in.{in_layer,out_layer}.*", "time_text_embed.timestep_embedder.{linear_1,linear_2}.*"),
+    ("vector_in.{in_layer,out_layer}.*", "time_text_embed.text_embedder.{linear_1,linear_2}.*"),
+    ("guidance_in.{in_layer,out_layer}.*", "time_text_embed.guidance_embedder.{linear_1,linear_2}.*"),
+    ("double_blocks.#.{img_mod,txt_mod}.lin.*", "transformer_blocks.#.{norm1,norm1_context}.linear.*"),
     ("double_blocks.#.img_attn.qkv.*", "transformer_blocks.#.attn.{to_q,to_k,to_v}.*"),
     ("double_blocks.#.txt_attn.qkv.*", "transformer_blocks.#.attn.{add_q_proj,add_k_proj,add_v_proj}.*"),
-    ("double_blocks.#.img_attn.norm.query_norm.scale", "transformer_blocks.#.attn.norm_q.weight"),
-    ("double_blocks.#.img_attn.norm.key_norm.scale", "transformer_blocks.#.attn.norm_k.weight"),
-    ("double_blocks.#.txt_attn.norm.query_norm.scale", "transformer_blocks.#.attn.norm_added_q.weight"),
-    ("double_blocks.#.txt_attn.norm.key_norm.scale", "transformer_blocks.#.attn.norm_added_k.weight"),
-    ("double_blocks.#.img_attn.proj.*", "transformer_blocks.#.attn.to_out.0.*"),
-    ("double_blocks.#.txt_attn.proj.*", "transformer_blocks.#.attn.to_add_out.*"),
-    ("double_blocks.#.img_mlp.0.*", "transformer_blocks.#.ff.net.0.proj.*"),
-    ("double_blocks.#.img_mlp.2.*", "transformer_blocks.#.ff.net.2.*"),
-    ("double_blocks.#.txt_mlp.0.*", "transformer_blocks.#.ff_context.net.0.proj.*"),
-    ("double_blocks.#.txt_mlp.2.*", "transformer_blocks.#.ff_context.net.2.*"),
+    ("double_blocks.#.{img,txt}_attn.norm.query_norm.scale", "transformer_blocks.#.attn.{norm_q,norm_added_q}.weight"),
+    ("double_blocks.#.{img,txt}_attn.norm.key_norm.scale", "transformer_blocks.#.attn.{norm_k,norm_added_k}.weight"),
+    ("double_blocks.#.{img,txt}_attn.proj.*", "transformer_blocks.#.attn.{to_out.0,to_add_out}.*"),
+    ("double_blocks.#.img_mlp.{0,2}.*", "transformer_blocks.#.ff.net.{0.proj,2}.*"),
+    ("double_blocks.#.txt_mlp.{0,2}.*", "transformer_blocks.#.ff_context.net.{0.proj,2}.*"),
     ("single_blocks.#.modulation.lin.*", "single_transformer_blocks.#.norm.linear.*"),
     ("single_blocks.#.linear1.*", "single_transformer_blocks.#.{attn.to_q,attn.to_k,attn.to_v,proj_mlp}.*"),
-    ("single_blocks.#.norm.query_norm.scale", "single_transformer_blocks.#.attn.norm_q.weight"),
-    ("single_blocks.#.norm.key_norm.scale", "single_transformer_blocks.#.attn.norm_k.weight"),
+    ("single_blocks.#.norm.{query_norm,key_norm}.scale", "single_transformer_blocks.#.attn.{norm_q,norm_k}.weight"),
     ("single_blocks.#.linear2.*", "single_transformer_blocks.#.proj_out.*"),
-    ("final_layer.linear.*", "proj_out.*"),
-    ("final_layer.adaLN_modulation.1.*", "norm_out.linear.*", "shift_scale"),
+    ("final_layer.{linear,adaLN_modulation.1}.*", "{proj_out,norm_out.linear}.*"),
 )
 
 SD3_DIFFUSERS_TABLE = (
     ("pos_embed", "pos_embed.pos_embed"),
     ("x_embedder.proj.*", "pos_embed.proj.*"),
-    ("t_embedder.mlp.0.*", "time_text_embed.timestep_embedder.linear_1.*"),
-    ("t_embedder.mlp.2.*", "time_text_embed.timestep_embedder.linear_2.*"),
-    ("y_embedder.mlp.0.*", "time_text_embed.text_embedder.linear_1.*"),
-    ("y_embedder.mlp.2.*", "time_text_embed.text_embedder.linear_2.*"),
+    ("t_embedder.mlp.{0,2}.*", "time_text_embed.timestep_embedder.{linear_1,linear_2}.*"),
+    ("y_embedder.mlp.{0,2}.*", "time_text_embed.text_embedder.{linear_1,linear_2}.*"),
     ("context_embedder.*", "context_embedder.*"),
     ("joint_blocks.#.x_block.adaLN_modulation.1.*", "transformer_blocks.#.norm1.linear.*"),
-    ("joint_blocks.#.context_block.adaLN_modulation.1.*", "transformer_blocks.#.norm1_context.linear.*",
-     "shift_scale"),
+    ("joint_blocks.#.context_block.adaLN_modulation.1.*", "transformer_blocks.#.norm1_context.linear.*"),
     ("joint_blocks.#.x_block.attn.qkv.*", "transformer_blocks.#.attn.{to_q,to_k,to_v}.*"),
     ("joint_blocks.#.context_block.attn.qkv.*", "transformer_blocks.#.attn.{add_q_proj,add_k_proj,add_v_proj}.*"),
-    ("joint_blocks.#.x_block.attn.ln_q.weight", "transformer_blocks.#.attn.norm_q.weight"),
-    ("joint_blocks.#.x_block.attn.ln_k.weight", "transformer_blocks.#.attn.norm_k.weight"),
-    ("joint_blocks.#.context_block.attn.ln_q.weight", "transformer_blocks.#.attn.norm_added_q.weight"),
-    ("joint_blocks.#.context_block.attn.ln_k.weight", "transformer_blocks.#.attn.norm_added_k.weight"),
-    ("joint_blocks.#.x_block.attn.proj.*", "transformer_blocks.#.attn.to_out.0.*"),
-    ("joint_blocks.#.context_block.attn.proj.*", "transformer_blocks.#.attn.to_add_out.*"),
+    ("joint_blocks.#.x_block.attn.{ln_q,ln_k}.weight", "transformer_blocks.#.attn.{norm_q,norm_k}.weight"),
+    ("joint_blocks.#.context_block.attn.{ln_q,ln_k}.weight",
+     "transformer_blocks.#.attn.{norm_added_q,norm_added_k}.weight"),
+    ("joint_blocks.#.{x_block,context_block}.attn.proj.*", "transformer_blocks.#.attn.{to_out.0,to_add_out}.*"),
     ("joint_blocks.#.x_block.attn2.qkv.*", "transformer_blocks.#.attn2.{to_q,to_k,to_v}.*"),
-    ("joint_blocks.#.x_block.attn2.ln_q.weight", "transformer_blocks.#.attn2.norm_q.weight"),
-    ("joint_blocks.#.x_block.attn2.ln_k.weight", "transformer_blocks.#.attn2.norm_k.weight"),
+    ("joint_blocks.#.x_block.attn2.{ln_q,ln_k}.weight", "transformer_blocks.#.attn2.{norm_q,norm_k}.weight"),
     ("joint_blocks.#.x_block.attn2.proj.*", "transformer_blocks.#.attn2.to_out.0.*"),
-    ("joint_blocks.#.x_block.mlp.fc1.*", "transformer_blocks.#.ff.net.0.proj.*"),
-    ("joint_blocks.#.x_block.mlp.fc2.*", "transformer_blocks.#.ff.net.2.*"),
-    ("joint_blocks.#.context_block.mlp.fc1.*", "transformer_blocks.#.ff_context.net.0.proj.*"),
-    ("joint_blocks.#.context_block.mlp.fc2.*", "transformer_blocks.#.ff_context.net.2.*"),
-    ("final_layer.linear.*", "proj_out.*"),
-    ("final_layer.adaLN_modulation.1.*", "norm_out.linear.*", "shift_scale"),
+    ("joint_blocks.#.x_block.mlp.{fc1,fc2}.*", "transformer_blocks.#.ff.net.{0.proj,2}.*"),
+    ("joint_blocks.#.context_block.mlp.{fc1,fc2}.*", "transformer_blocks.#.ff_context.net.{0.proj,2}.*"),
+    ("final_layer.{linear,adaLN_modulation.1}.*", "{proj_out,norm_out.linear}.*"),
 )
 
 # The input embedding's key tells a checkpoint's family and layout; its rows are hidden_size.
@@ -635,53 +541,50 @@ EMBEDDING = {("flux", "official"): "img_in.weight", ("flux", "diffusers"): "x_em
              ("sd3", "official"): "x_embedder.proj.weight", ("sd3", "diffusers"): "pos_embed.proj.weight"}
 
 
-def _table(family: str, keys) -> list[tuple[str, list[str], bool]]:
-    """The family's table written out for the block indices in `keys` (of either layout):
-    (official key, [diffusers keys], swap shift and scale)."""
+def _alternatives(key: str) -> list[str]:  # "a.{x,y}.b" -> ["a.x.b", "a.y.b"]
+    m = re.fullmatch(r"(.*)\{(.*)\}(.*)", key)
+    return [m[1] + part + m[3] for part in m[2].split(",")] if m else [key]
+
+
+def _table(family: str, keys) -> list[tuple[str, list[str]]]:
+    """The table for the block indices in `keys` (either layout): (official key, [diffusers keys])."""
     blocks = sorted({m[1] for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))})
     rows = []
-    for official, diffusers, *swap in FLUX_DIFFUSERS_TABLE if family == "flux" else SD3_DIFFUSERS_TABLE:
-        head, _, rest = diffusers.partition("{")
-        parts, _, tail = rest.partition("}")
-        names = [head + part + tail for part in parts.split(",")] if rest else [diffusers]
-        for i in blocks if "#" in official else [""]:
-            for p in ("weight", "bias") if "*" in official else [""]:
-                rows.append((official.replace("#", i).replace("*", p),
-                             [n.replace("#", i).replace("*", p) for n in names], bool(swap)))
+    for official, diffusers in FLUX_DIFFUSERS_TABLE if family == "flux" else SD3_DIFFUSERS_TABLE:
+        officials, names = _alternatives(official), _alternatives(diffusers)
+        for official, names in zip(officials, ([n] for n in names)) if len(officials) > 1 else [(official, names)]:
+            for i in blocks if "#" in official else [""]:
+                for p in ("weight", "bias") if "*" in official else [""]:
+                    rows.append((official.replace("#", i).replace("*", p),
+                                 [n.replace("#", i).replace("*", p) for n in names]))
     return rows
 
 
-def _swap_halves(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(shift, scale) <-> (scale, shift) of a 2-way adaLN; 6- and 9-way modulations are left alone."""
-    return torch.cat(t.chunk(2)[::-1]) if t.shape[0] == 2 * hidden else t
+def _swap_shift_scale(key: str, t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift) of a 2-way adaLN_modulation; anything else is left alone."""
+    return torch.cat(t.chunk(2)[::-1]) if "adaLN_modulation" in key and t.shape[0] == 2 * hidden else t
 
 
 def to_diffusers(sd: dict, family: str) -> dict:
     """Official-layout state dict -> diffusers layout (FluxTransformer2DModel / SD3Transformer2DModel)."""
-    rows = {official: (names, swap) for official, names, swap in _table(family, sd)}
-    unknown = [k for k in sd if k not in rows]
-    if unknown:
-        raise ValueError(f"{len(unknown)} official {family} keys have no diffusers name: {', '.join(unknown[:4])}")
-    hidden, out = sd[EMBEDDING[family, "official"]].shape[0], {}
+    names_of, hidden, out = dict(_table(family, sd)), sd[EMBEDDING[family, "official"]].shape[0], {}
     for key, t in sd.items():
-        names, swap = rows[key]
-        t = _swap_halves(t, hidden) if swap else t
+        names, t = names_of[key], _swap_shift_scale(key, t, hidden)
         out.update(zip(names, t.split([hidden] * (len(names) - 1) + [t.shape[0] - hidden * (len(names) - 1)])))
     return out
 
 
 def from_diffusers(sd: dict, family: str) -> dict:
-    """diffusers-layout state dict -> official layout; strict: a key the table does not know, or a missing part
-    of a stacked tensor, is an error."""
+    """diffusers-layout state dict -> official layout; an unknown key or a missing part is an error."""
     hidden, out, used, missing = sd[EMBEDDING[family, "diffusers"]].shape[0], {}, set(), []
-    for official, names, swap in _table(family, sd):
+    for official, names in _table(family, sd):
         parts = [n for n in names if n in sd]  # none: a tensor this model lacks (schnell's guidance_in, attn2)
         used.update(parts)
         if parts and len(parts) < len(names):
             missing += [n for n in names if n not in sd]
         elif parts:
             t = torch.cat([sd[n] for n in names]) if len(names) > 1 else sd[names[0]]
-            out[official] = _swap_halves(t, hidden) if swap else t
+            out[official] = _swap_shift_scale(official, t, hidden)
     unexpected = [k for k in sd if k not in used]
     if missing or unexpected:
         raise ValueError(f"diffusers {family} checkpoint does not match the key table: "
@@ -689,64 +592,55 @@ def from_diffusers(sd: dict, family: str) -> dict:
     return out
 
 
-def diffusers_config(params) -> dict:
-    """The diffusers config.json for a model with these params."""
-    if params.mlp_ratio != 4.0:
-        raise ValueError(f"diffusers fixes mlp_ratio at 4, this model has {params.mlp_ratio}")
-    p, head_dim = params, params.hidden_size // params.num_heads
+def diffusers_config(p) -> dict:
+    """The diffusers config.json of a model with params `p`."""
+    if p.mlp_ratio != 4.0:
+        raise ValueError(f"diffusers fixes mlp_ratio at 4, this model has {p.mlp_ratio}")
+    common = dict(in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
+                  attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
+                  joint_attention_dim=p.context_in_dim)
     if isinstance(p, FluxParams):
-        return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=p.in_channels,
-                    out_channels=p.out_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-                    attention_head_dim=head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-                    pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed, axes_dims_rope=list(p.axes_dim))
-    return dict(_class_name="SD3Transformer2DModel", sample_size=128, patch_size=p.patch_size,
-                in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-                attention_head_dim=head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+        return dict(_class_name="FluxTransformer2DModel", patch_size=1, **common,
+                    num_single_layers=p.depth_single_blocks, pooled_projection_dim=p.vec_in_dim,
+                    guidance_embeds=p.guidance_embed, axes_dims_rope=list(p.axes_dim))
+    return dict(_class_name="SD3Transformer2DModel", sample_size=128, patch_size=p.patch_size, **common,
                 caption_projection_dim=p.hidden_size, pooled_projection_dim=p.adm_in_channels,
                 pos_embed_max_size=p.pos_embed_max_size, dual_attention_layers=list(p.x_block_self_attn_layers),
                 qk_norm="rms_norm" if p.qk_norm else None)
 
 
 # ------------------------------------------------------------------------------- loading and saving
-
 OFFICIAL_PREFIX = "model.diffusion_model."
 
 
-def _find_files(path) -> tuple[list[str], dict | None]:
-    """-> (the safetensors files, the diffusers config or None) for a .safetensors file, an index .json, a
-    folder holding one of them, or a diffusers pipeline folder (its transformer/)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
+def _find_files(path) -> tuple[list[Path], dict]:
+    """-> (the safetensors files, the diffusers config beside them or {}) for an official file (with or without
+    `model.diffusion_model.`), an index .json, a folder holding one of them, or a diffusers pipeline folder."""
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"transformer weights not found: {path} (give a .safetensors file, an index .json, "
                                 f"or a diffusers folder with config.json)")
-    if os.path.isdir(os.path.join(path, "transformer")):
-        path = os.path.join(path, "transformer")
-    if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        found = ([n for n in names if n.endswith(".safetensors.index.json")]
-                 or [n for n in names if n.endswith(".safetensors")])
-        found = [n for n in found if n.startswith("diffusion_pytorch_model")] or found
+    path = path / "transformer" if (path / "transformer").is_dir() else path  # a diffusers pipeline folder
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+        found = [f for f in found if f.name.startswith("diffusion_pytorch_model")] or found
         if len(found) != 1:
             raise FileNotFoundError(f"{path}: expected one .safetensors file or index .json, found {len(found)}")
-        path = os.path.join(path, found[0])
-    folder = os.path.dirname(os.path.abspath(path))
+        path = found[0]
+    if path.suffix not in (".safetensors", ".json"):
+        raise ValueError(f"{path}: expected a .safetensors file, an index .json or a folder")
     files = [path]
-    if path.endswith(".json"):
-        with open(path) as f:
-            files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    config = None
-    if os.path.exists(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-    if config and config.get("_class_name") not in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
-        config = None  # some other model's config next to the file: the shapes decide everything anyway
+    if path.suffix == ".json":
+        files = [path.parent / n for n in sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))]
+    config = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").exists() else {}
+    if config.get("_class_name") not in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+        config = {}  # another model's config next to the file: the shapes decide everything anyway
     return files, config
 
 
 def infer_params(shapes: dict, family: str, hints: dict | None = None):
-    """The config of an official-layout state dict from its tensor shapes. `hints` (a diffusers config.json, or
-    the metadata save_transformer writes) supply what shapes cannot tell: RoPE axes and, without QK-norm,
-    head_dim."""
+    """The config of an official-layout state dict from its tensor shapes. `hints` (a diffusers config, or the
+    metadata save_transformer writes) give what shapes cannot: RoPE axes and, without QK-norm, head_dim."""
     hints = hints or {}
 
     def count(prefix):
@@ -755,9 +649,9 @@ def infer_params(shapes: dict, family: str, hints: dict | None = None):
     if family == "flux":
         H = shapes["img_in.weight"][0]
         norm = shapes.get("double_blocks.0.img_attn.norm.query_norm.scale")
-        head_dim = norm[0] if norm else hints.get("head_dim") or 128
+        head_dim = norm[0] if norm else hints.get("attention_head_dim") or 128
         # official files carry no RoPE split: (16, 56, 56) for head_dim 128, the same proportions otherwise
-        axes = tuple(hints.get("axes_dim") or (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16))
+        axes = tuple(hints.get("axes_dims_rope") or (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16))
         return FluxParams(
             in_channels=shapes["img_in.weight"][1], out_channels=shapes["final_layer.linear.weight"][0],
             vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
@@ -767,17 +661,17 @@ def infer_params(shapes: dict, family: str, hints: dict | None = None):
             guidance_embed="guidance_in.in_layer.weight" in shapes)
     H, C_in, p, _ = shapes["x_embedder.proj.weight"]
     norm = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
-    head_dim = norm[0] if norm else hints.get("head_dim") or 64  # every official SD3 has head_dim 64
+    head_dim = norm[0] if norm else hints.get("attention_head_dim") or 64  # every official SD3 has head_dim 64
     depth = count("joint_blocks.")
+    dual = tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes)
     return SD3Params(
         patch_size=p, in_channels=C_in, out_channels=shapes["final_layer.linear.weight"][0] // (p * p), depth=depth,
         hidden_size=H, num_heads=H // head_dim, mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / H,
         adm_in_channels=shapes["y_embedder.mlp.0.weight"][1], context_in_dim=shapes["context_embedder.weight"][1],
-        pos_embed_max_size=math.isqrt(shapes["pos_embed"][1]), qk_norm=norm is not None,
-        x_block_self_attn_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes))
+        pos_embed_max_size=math.isqrt(shapes["pos_embed"][1]), qk_norm=norm is not None, x_block_self_attn_layers=dual)
 
 
-def _check_keys(model: nn.Module, sd: dict, where: str, family: str):
+def _check_keys(model: nn.Module, sd: dict, where, family: str):
     """The one strict check of names and shapes: a wrong file fails naming its keys, never half-loaded."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -792,36 +686,27 @@ def _check_keys(model: nn.Module, sd: dict, where: str, family: str):
             raise ValueError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the inferred config needs {tuple(t.shape)}")
 
 
-def load_transformer(path: str, *, device="cpu", dtype: torch.dtype | None = None) -> "Flux | MMDiT":
-    """Load a Flux or SD3/SD3.5 transformer from an official file (with or without `model.diffusion_model.`;
-    SD3 files that also hold the VAE and text encoders are fine), an official sharded index, a diffusers
-    `transformer/` folder or its index json. The config comes from the tensor shapes; the model is built on
-    the meta device and takes the loaded tensors as they are (checkpoint dtype unless `dtype` is given)."""
+def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None) -> "Flux | MMDiT":
+    """Load a Flux or SD3/SD3.5 transformer (layouts: see `_find_files`; SD3 files that also hold the VAE and text
+    encoders are fine). The config comes from the tensor shapes; the model is built on the meta device and takes
+    the loaded tensors as they are (checkpoint dtype unless `dtype` is given)."""
     from safetensors import safe_open
 
     files, config = _find_files(path)
-    keys, metadata = [], {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            metadata.update(f.metadata() or {})
-            keys += f.keys()
-    prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in keys) else ""  # skip a bundled VAE etc.
-    family, layout = next((fl for fl, key in EMBEDDING.items() if prefix + key in keys), (None, None))
-    if family is None:
-        raise ValueError(f"not a Flux or SD3 transformer checkpoint (first keys: {', '.join(sorted(keys)[:3])})")
-    sd = {}
+    sd, metadata = {}, {}
     for file in files:
         with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    t = f.get_tensor(key)
-                    sd[key[len(prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            metadata.update(f.metadata() or {})
+            prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()) else ""  # not the VAE
+            for key in (k for k in f.keys() if k.startswith(prefix)):
+                t = f.get_tensor(key)
+                sd[key[len(prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    family, layout = next((fl for fl, key in EMBEDDING.items() if key in sd), (None, None))
+    if family is None:
+        raise ValueError(f"not a Flux or SD3 transformer checkpoint (first keys: {', '.join(sorted(sd)[:3])})")
     if layout == "diffusers":
         sd = from_diffusers(sd, family)
-    if "mmdit_params" in metadata:
-        hints = json.loads(metadata["mmdit_params"])
-    else:
-        hints = {"axes_dim": config.get("axes_dims_rope"), "head_dim": config.get("attention_head_dim")} if config else {}
+    hints = json.loads(metadata["mmdit_params"]) if "mmdit_params" in metadata else config
     try:
         params = infer_params({k: t.shape for k, t in sd.items()}, family, hints)
     except KeyError as e:
@@ -833,10 +718,9 @@ def load_transformer(path: str, *, device="cpu", dtype: torch.dtype | None = Non
     return model.eval()
 
 
-def _atomic_write(target: str, write):
-    """write(tmp) beside `target`, then rename it over: a crash never leaves a half-written file. The scripts
-    share vae.atomic_write; a model file imports nothing of the project, hence this small twin."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+def _atomic_write(target: Path, write):
+    """write(tmp), then rename it onto `target`: no half-written file (vae.atomic_write's twin: no project imports)."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         mask = os.umask(0o022)  # read the umask and put it back: safetensors writes 0600, but exported
@@ -844,26 +728,23 @@ def _atomic_write(target: str, write):
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def save_transformer(model: "Flux | MMDiT", path: str, *, layout: str = "official"):
+def save_transformer(model: "Flux | MMDiT", path, *, layout: str = "official"):
     """Write the weights atomically: layout "official" -> one .safetensors file (the official key layout, with
-    the params in the metadata); "diffusers" -> a folder with config.json and diffusion_pytorch_model.safetensors."""
+    what shapes cannot tell in the metadata); "diffusers" -> a folder with config.json and the weights."""
     from safetensors.torch import save_file
 
-    family, p = ("flux" if isinstance(model, Flux) else "sd3"), model.params
+    family, p, path = ("flux" if isinstance(model, Flux) else "sd3"), model.params, Path(path)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if layout == "official":
-        hints = {"axes_dim": list(p.axes_dim)} if family == "flux" else {"head_dim": p.hidden_size // p.num_heads}
-        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "mmdit_params": json.dumps(hints)}))
+        hints = {"attention_head_dim": p.hidden_size // p.num_heads, "axes_dims_rope": getattr(p, "axes_dim", None)}
+        _atomic_write(path, lambda tmp: save_file(sd, tmp, {"format": "pt", "mmdit_params": json.dumps(hints)}))
     elif layout == "diffusers":
-        os.makedirs(path, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         dsd = {k: v.contiguous() for k, v in to_diffusers(sd, family).items()}
-        _atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"),
-                      lambda tmp: save_file(dsd, tmp, metadata={"format": "pt"}))
-        config = json.dumps(diffusers_config(p), indent=2)
-        _atomic_write(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(config))
+        _atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(dsd, tmp, {"format": "pt"}))
+        _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(diffusers_config(p), indent=2)))
     else:
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
