@@ -552,11 +552,11 @@ def _table(family: str, keys) -> list[tuple[str, list[str]]]:
     rows = []
     for official, diffusers in FLUX_DIFFUSERS_TABLE if family == "flux" else SD3_DIFFUSERS_TABLE:
         officials, names = _alternatives(official), _alternatives(diffusers)
-        for official, names in zip(officials, ([n] for n in names)) if len(officials) > 1 else [(official, names)]:
-            for i in blocks if "#" in official else [""]:
-                for p in ("weight", "bias") if "*" in official else [""]:
-                    rows.append((official.replace("#", i).replace("*", p),
-                                 [n.replace("#", i).replace("*", p) for n in names]))
+        pairs = zip(officials, ([n] for n in names)) if len(officials) > 1 else [(official, names)]  # else stacked
+        for o, ds in pairs:
+            for i in blocks if "#" in o else [""]:
+                for w in ("weight", "bias") if "*" in o else [""]:
+                    rows.append((o.replace("#", i).replace("*", w), [d.replace("#", i).replace("*", w) for d in ds]))
     return rows
 
 

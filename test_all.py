@@ -1244,6 +1244,7 @@ def test_mmdit_sd3_loader_layouts(tmp_path):
     mmdit.save_transformer(odd, str(tmp_path / "odd.safetensors"))
     loaded = mmdit.load_transformer(str(tmp_path / "odd.safetensors"))
     assert loaded.params == odd.params
+    assert all(torch.equal(t, odd.state_dict()[k]) for k, t in loaded.state_dict().items())
     with torch.no_grad():
         assert torch.equal(loaded(**inp), odd(**inp))  # same tensors, same code: a re-run
 
@@ -1344,8 +1345,8 @@ def test_mmdit_gradient_checkpointing(family):
         model(**inp).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         assert len(calls) == len(model.blocks()) * (2 if on else 1)  # recomputed in backward
-    for a, b in zip(*grads):  # the same ops, recomputed; not bitwise, as the gradient of what every block shares
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # (vec, pe) may be summed in another order
+    for a, b in zip(*grads):  # the same ops rerun on the same inputs: bitwise equal on CPU; the tolerance only
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # admits a backend with nondeterministic reductions
 
 
 # ====================================================================================================
