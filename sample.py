@@ -279,7 +279,7 @@ def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int
         raise ValueError(f"--steps must be at least 1, got {steps}")
     model, cond = pipe.transformer, pipe.conditioner
     dtype = next(model.parameters()).dtype
-    with on_device([m for m in vars(cond).values() if isinstance(m, torch.nn.Module)], device, offload):
+    with on_device(cond.encoders, device, offload):
         positive = cond([prompt] * num_images, device=device, dtype=dtype)
         negative = cond.negative(num_images, device=device, dtype=dtype) if pipe.family == "sd3" else None
 

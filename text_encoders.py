@@ -427,15 +427,12 @@ class FluxConditioner(_Conditioner):
     """Flux's conditioning: txt = T5 last hidden state (B, L, 4096), vec = CLIP-L pooled (B, 768), unprojected.
 
     The encoders may sit on any device (the CPU while the transformer has the GPU): prompts are encoded there and
-    the results moved to `device` in `dtype` (float32 by default). model_id: an optional name for the encoders,
-    kept as given (benchmarks/bench_sample.py names its random ones)."""
+    the results moved to `device` in `dtype` (float32 by default)."""
 
     _models = ("clip", "t5")
 
-    def __init__(self, clip: CLIPText, t5: T5Encoder, clip_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer,
-                 *, model_id: str | None = None):
+    def __init__(self, clip: CLIPText, t5: T5Encoder, clip_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer):
         self.clip, self.t5, self.clip_tokenizer, self.t5_tokenizer = clip, t5, clip_tokenizer, t5_tokenizer
-        self.model_id = model_id
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], *, device=None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

@@ -50,8 +50,7 @@ def build(model: str, device, dtype) -> sample.Pipeline:
         materialize(m, device, dtype)
     tiny = sample.tiny_pipeline(device="cpu")  # borrow its tokenizers: ids stay inside the real vocabularies
     tiny.conditioner.t5_tokenizer.max_length = 512 if model == "flux-dev" else 256
-    cond = te.FluxConditioner(clip, t5, tiny.conditioner.clip_tokenizer, tiny.conditioner.t5_tokenizer,
-                              model_id="random")
+    cond = te.FluxConditioner(clip, t5, tiny.conditioner.clip_tokenizer, tiny.conditioner.t5_tokenizer)
     return sample.Pipeline(model, "flux", transformer, ae, cond)
 
 
