@@ -76,7 +76,7 @@ class AttnBlock(nn.Module):
         # Contiguous: with a strided last dimension CPU SDPA takes the math kernel, which builds the
         # (HW)² score matrix (2.3 GB at 128² latents).
         q, k, v = (p(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for p in (self.q, self.k, self.v))
-        attend = F.scaled_dot_product_attention if torch.is_grad_enabled() else attention_in_chunks
+        attend = F.scaled_dot_product_attention if torch.is_grad_enabled() else attention_in_chunks  # see below
         h = attend(q, k, v)  # q, k, v, h: (B, 1, HW, C)
         return x + self.proj_out(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
@@ -231,33 +231,34 @@ def partitioned_last_stage(h: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, s: in
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory-bounded decoding (engineering, not in the paper): what Decoder.forward runs without autograd.
-# The same computation (tested equal to the plain one and to an unpartitioned peer) with ResnetBlocks and
-# Upsamples in row strips and the last stage normalizing tile by tile: a peak of about input + output of
-# the largest block instead of 3-4 full maps.
+# Memory-bounded decoding (engineering, not in the paper): what Decoder.forward runs without autograd. The
+# same computation (tested equal to the plain one and to an unpartitioned peer), with ResnetBlocks and Upsamples
+# in row strips and the last stage normalized tile by tile: a peak of about input + output of the largest block.
 
 
 def decode_bounded(dec: Decoder, z: Tensor, return_feature: bool, n: int):
     h = dec.mid.block_2(dec.mid.attn_1(dec.mid.block_1(dec.conv_in(z))))  # at the latents' size: plain
     for level in reversed(dec.up):
         for block in level.block:
-            k, x = math.ceil(h.shape[-2] * h.shape[-1] / dec.strip_pixels), h
-            h = conv_tiles(x, block.conv1, norm=block.norm1, grid=(k, 1))
+            if (k := math.ceil(h.shape[-2] * h.shape[-1] / dec.strip_pixels)) == 1:  # a small map: as it is
+                h = block(h)
+                continue
+            x, h = h, conv_tiles(h, block.conv1, norm=block.norm1, grid=(k, 1))
             h = conv_tiles(h, block.conv2, norm=block.norm2, grid=(k, 1), out=h)  # in place
             for r0, r1 in _split(h.shape[-2], k):
                 h[:, :, r0:r1] += block.nin_shortcut(x[:, :, r0:r1])
         if hasattr(level, "upsample"):
             k = math.ceil(4 * h.shape[-2] * h.shape[-1] / dec.strip_pixels)
-            h = conv_tiles(h, level.upsample.conv, s=2, grid=(k, 1))
-    if return_feature:
+            h = level.upsample(h) if k == 1 else conv_tiles(h, level.upsample.conv, s=2, grid=(k, 1))
+    if return_feature:  # SC-VAE compares the feature (Eq. 1): it is materialized anyway
         return partitioned_last_stage(h, dec.norm_out, dec.conv_out, dec.stride, n)
     return conv_tiles(h, dec.conv_out, norm=dec.norm_out, s=dec.stride, grid=(n, n))
 
 
 def conv_tiles(x: Tensor, conv: nn.Conv2d, *, norm=None, s: int = 1, grid=(1, 1), out=None) -> Tensor:
-    """conv(nearest×s(swish(norm(x)))) tile by tile, with the last stage's halo and crop; norm (optional) with the
-    statistics of the WHOLE map x, one group at a time: a bf16 map never gets a full-size fp32 copy. `out` may be
-    x itself (s = 1, full-width strips): a strip reads the last original row above it, so is written one late."""
+    """conv(nearest×s(swish(norm(x)))) by tiles, with the last stage's halo and crop; norm (optional) uses the WHOLE
+    map's statistics, taken one group at a time (no full-size fp32 copy of a bf16 map). `out` may be x itself (s = 1,
+    full-width strips): each strip is then written once the next one has read its last original row."""
     B, C, H, W = x.shape
     if norm is not None:
         G, dtype = norm.num_groups, torch.promote_types(x.dtype, torch.float32)
@@ -375,7 +376,7 @@ def load_vae(path, *, stride=None, device="cpu", dtype=None, config=None) -> Aut
         if diffusers := any(".down_blocks." in k for k in shapes):  # its settings are in config.json beside it
             cfg = json.loads((path.parent / "config.json").read_text())
             meta = {"scale_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor") or 0.0,
-                    "stride": cfg.get("stride", 1), "groups": cfg.get("norm_num_groups", 32)}  # shift: may be null
+                    "stride": cfg.get("stride", 1), "groups": cfg.get("norm_num_groups", 32)}  # shift: null if none
         base = VAE_CONFIGS[config or ("sd3" if prefix else "flux")]
         if config is None and "scale_factor" in meta:
             base = replace(base, scale_factor=float(meta["scale_factor"]), shift_factor=float(meta["shift_factor"]))
@@ -433,8 +434,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = str(path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # unique beside the target
     try:
         write(tmp)
-        mask = os.umask(0o022)  # reading the umask sets it: put it back
-        os.umask(mask)
+        os.umask(mask := os.umask(0o022))  # reading the umask sets it: put it back
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
