@@ -171,8 +171,7 @@ class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params)
-        self.decoder = Decoder(params)
+        self.encoder, self.decoder = Encoder(params), Decoder(params)
         self.scale_factor, self.shift_factor = params.scale_factor, params.shift_factor
 
     @property
@@ -247,6 +246,7 @@ def decode_bounded(dec: Decoder, z: Tensor, return_feature: bool, n: int):
             h = conv_tiles(h, block.conv2, norm=block.norm2, grid=(k, 1), out=h)  # in place
             for r0, r1 in _split(h.shape[-2], k):
                 h[:, :, r0:r1] += block.nin_shortcut(x[:, :, r0:r1])
+            del x  # the block's input: not held through the next block
         if hasattr(level, "upsample"):
             k = math.ceil(4 * h.shape[-2] * h.shape[-1] / dec.strip_pixels)
             h = level.upsample(h) if k == 1 else conv_tiles(h, level.upsample.conv, s=2, grid=(k, 1))
