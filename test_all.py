@@ -714,20 +714,17 @@ def _vae_tiny_params(stride=1, ch_mult=(1, 2)):
                    groups=_VAE_GROUPS, stride=stride)
 
 
-def _vae_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _vae_f16_reference(d, z, return_feature=False):
-    """The UNpartitioned F16 decoder written from diffusers' blocks and plain torch ops (independent of vae.py):
-    trunk, then norm_out, swish, nearest ×2 on the whole map, conv_out with padding 1."""
+def _vae_reference(d, z, stride=2, return_feature=False):
+    """The UNpartitioned decoder written from diffusers' blocks and plain torch ops (independent of vae.py):
+    trunk, then norm_out, swish, [F16: nearest ×2 on the whole map], conv_out with padding 1."""
     dec = d.decoder
     h = dec.conv_in(z / 0.3611 + 0.1159)
     h = dec.mid_block(h)
     for up_block in dec.up_blocks:
         h = up_block(h)
     feat = F.silu(F.group_norm(h, _VAE_GROUPS, dec.conv_norm_out.weight, dec.conv_norm_out.bias, eps=1e-6))
-    x = F.conv2d(F.interpolate(feat, scale_factor=2, mode="nearest"), dec.conv_out.weight, dec.conv_out.bias, padding=1)
+    x = F.conv2d(F.interpolate(feat, scale_factor=stride, mode="nearest"), dec.conv_out.weight, dec.conv_out.bias,
+                 padding=1)
     return (x, feat) if return_feature else x
 
 
@@ -743,7 +740,7 @@ def _vae_diffusers_folder(tmp_path, d, stride=None):
 def test_vae_flux_config_matches_the_official_checkpoint():
     with torch.device("meta"):
         sd = vae.AutoEncoder(vae.VAE_CONFIGS["flux"]).state_dict()
-    # SPEC §2: 244 tensors, 83,819,683 parameters, and these shapes.
+    # The official Flux ae.safetensors: 244 tensors, 83,819,683 parameters, and these shapes.
     assert len(sd) == 244 and sum(v.numel() for v in sd.values()) == 83_819_683
     assert sd["encoder.conv_in.weight"].shape == (128, 3, 3, 3)
     assert sd["encoder.conv_out.weight"].shape == (32, 512, 3, 3)
@@ -769,10 +766,10 @@ def test_vae_diffusers_folder_loads_and_matches(tmp_path, size):
         gen = torch.Generator().manual_seed(3)
         ref_sample = d.encode(x).latent_dist.sample(generator=gen)
         z_sample = ae.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
-    # fp32, same math in a different summation order: ≤ 1e-5 of the tensor's scale.
-    assert _vae_rel(z, (ref_mean - 0.1159) * 0.3611) <= 1e-5
-    assert _vae_rel(out, ref_x) <= 1e-5
-    assert _vae_rel(z_sample, (ref_sample - 0.1159) * 0.3611) <= 1e-5
+    # fp32, the same math as diffusers in another summation order: ≤ 1e-5 of the tensor's scale.
+    assert rel(z, (ref_mean - 0.1159) * 0.3611) <= 1e-5
+    assert rel(out, ref_x) <= 1e-5
+    assert rel(z_sample, (ref_sample - 0.1159) * 0.3611) <= 1e-5
     assert (z_sample - z).abs().max() > 1e-3  # sampling really adds noise
 
 
@@ -796,12 +793,25 @@ def test_vae_state_dict_converts_to_diffusers(tmp_path):
         z = ae.encode(x)
         out = ae.decode(z)
         for peer in (d.eval(), d2.eval()):
-            # fp32: ≤ 1e-5 of the tensor's scale.
-            assert _vae_rel(z, (peer.encode(x).latent_dist.mean - 0.1159) * 0.3611) <= 1e-5
-            assert _vae_rel(out, peer.decode(z / 0.3611 + 0.1159).sample) <= 1e-5
-    # And the export loads back through load_vae bit for bit.
+            # fp32, the same math in another summation order: ≤ 1e-5 of the tensor's scale.
+            assert rel(z, (peer.encode(x).latent_dist.mean - 0.1159) * 0.3611) <= 1e-5
+            assert rel(out, peer.decode(z / 0.3611 + 0.1159).sample) <= 1e-5
+    # And the export loads back through load_vae bit for bit: the same tensors, stored and read back.
     back = vae.load_vae(tmp_path / "export")
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ae.state_dict().items())
+
+
+def test_vae_diffusers_export_uses_the_peers_key_names(tmp_path):
+    # The one key table, checked against diffusers' own names (not against itself): the export of a model with
+    # two levels holds exactly the tensors of the equally configured AutoencoderKL, each with the peer's shape.
+    ae = vae.AutoEncoder(_vae_tiny_params())
+    vae.save_vae(ae, tmp_path / "export")
+    exported = load_file(tmp_path / "export" / "diffusion_pytorch_model.safetensors")
+    peer = _vae_diffusers().state_dict()
+    assert exported.keys() == peer.keys()
+    assert all(exported[k].shape == peer[k].shape for k in peer)
+    # up.i is diffusers' up_blocks.(L − 1 − i): the first up level (up.1) carries the upsampler.
+    assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in exported
 
 
 def test_vae_official_single_files(tmp_path):
@@ -812,6 +822,7 @@ def test_vae_official_single_files(tmp_path):
     flux = vae.load_vae(tmp_path / "ae.safetensors")
     assert (flux.scale_factor, flux.shift_factor) == (0.3611, 0.1159)
     assert flux.params == replace(_vae_tiny_params(), groups=32)  # groups are not in the shapes: Flux's 32
+    # Bit for bit: the same tensors, stored and read back (and in bf16 below, the same conversion).
     assert all(torch.equal(flux.state_dict()[k], v) for k, v in sd.items())
     # SD3: the VAE under first_stage_model., next to other models' keys that must be ignored.
     sd3_file = {"first_stage_model." + k: v for k, v in sd.items()}
@@ -841,18 +852,18 @@ def test_vae_partitioned_f16_equals_unpartitioned(tmp_path, n, channels, latent)
     assert ae.params.stride == 2
     torch.manual_seed(2)
     z = torch.randn(2, 4, *latent, dtype=torch.float64, requires_grad=True)
-    out = ae.decode(z, partitions=n)
-    ref = _vae_f16_reference(d, z)
+    out = ae.decode(z, partitions=n)  # with autograd: the plain definition of Sec. 4.1
+    ref = _vae_reference(d, z)
     assert out.shape == ref.shape == (2, 3, 2 ** len(channels) * latent[0], 2 ** len(channels) * latent[1])
-    # fp64: exact up to summation order (a one-pixel shift would be O(1)).
-    assert _vae_rel(out, ref) <= 1e-12
+    # fp64, a different summation order only: ≤ 1e-12 (a one-pixel shift would be O(1)).
+    assert rel(out, ref) <= 1e-12
     # The tiled stage is differentiable (SC-VAE trains through it): same gradient as the reference.
     g = torch.randn_like(ref)
     (grad,) = torch.autograd.grad((out * g).sum(), z)
     (ref_grad,) = torch.autograd.grad((ref * g).sum(), z)
-    assert _vae_rel(grad, ref_grad) <= 1e-12
-    with torch.no_grad():  # and without autograd (the memory-frugal path)
-        assert _vae_rel(ae.decode(z, partitions=n), ref) <= 1e-12
+    assert rel(grad, ref_grad) <= 1e-12
+    with torch.no_grad():  # and without autograd, the memory-bounded decoding (same fp64 bound)
+        assert rel(ae.decode(z, partitions=n), ref) <= 1e-12
 
 
 def test_vae_partitioned_f16_fp32_and_bf16(tmp_path):
@@ -861,14 +872,14 @@ def test_vae_partitioned_f16_fp32_and_bf16(tmp_path):
     torch.manual_seed(2)
     z = torch.randn(1, 4, 5, 7)
     with torch.no_grad():
-        ref = _vae_f16_reference(d, z)
+        ref = _vae_reference(d, z)
         # fp32: ≤ 1e-5 of the scale for every n (summation order only).
         for n in (1, 2, 3, 4):
-            assert _vae_rel(ae.decode(z, partitions=n), ref) <= 1e-5
+            assert rel(ae.decode(z, partitions=n), ref) <= 1e-5
         # bf16 weights and activations (8-bit mantissa): within 5% of the scale, and n does not matter more than that.
         ae16 = vae.load_vae(tmp_path / "vae", dtype=torch.bfloat16)
         out16 = [ae16.decode(z.bfloat16(), partitions=n).float() for n in (1, 2)]
-        assert _vae_rel(out16[0], ref) <= 5e-2 and _vae_rel(out16[1], ref) <= 5e-2
+        assert rel(out16[0], ref) <= 5e-2 and rel(out16[1], ref) <= 5e-2
 
 
 def test_vae_f16_encoder_is_the_strided_first_conv(tmp_path):
@@ -881,30 +892,33 @@ def test_vae_f16_encoder_is_the_strided_first_conv(tmp_path):
         z = ae.encode(x)
         ref = (d.encode(x).latent_dist.mean - 0.1159) * 0.3611
     assert z.shape == (1, 4, 12, 16)  # 1/4 here = 1/16 with Flux's four levels
-    assert _vae_rel(z, ref) <= 1e-5  # fp32 summation order
+    assert rel(z, ref) <= 1e-5  # fp32, summation order only
     with pytest.raises(ValueError, match="multiples of 4"):
         ae.encode(torch.zeros(1, 3, 30, 32))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_vae_strip_decoding_is_exact(tmp_path, stride, monkeypatch):
+def test_vae_bounded_decoding_equals_the_definition(tmp_path, stride, monkeypatch):
     d = _vae_diffusers().double()
     ae = vae.load_vae(_vae_diffusers_folder(tmp_path, d, stride=stride), dtype=torch.float64)
     torch.manual_seed(4)
     z = torch.randn(2, 4, 5, 6, dtype=torch.float64)
-    calls = []
-    tiled = vae._tiled_conv
-    monkeypatch.setattr(vae, "_tiled_conv", lambda *a, **k: calls.append(k.get("grid")) or tiled(*a, **k))
+    grids = []
+    tiles = vae.conv_tiles
+    monkeypatch.setattr(vae, "conv_tiles", lambda *a, **k: grids.append(k["grid"]) or tiles(*a, **k))
     with torch.no_grad():
-        ae.decoder.strip_pixels = None
-        plain = ae.decode(z, partitions=1)
-        assert len(calls) == 1  # only the last stage
-        ae.decoder.strip_pixels = 7  # strips of one or two rows: exercises the in-place, one-strip-late writes
-        strips = ae.decode(z, partitions=3)
-        ref = _vae_f16_reference(d, z) if stride == 2 else d.decode(z / 0.3611 + 0.1159).sample
-    assert len(calls) > 1 + 6  # every ResnetBlock / Upsample at the 10×12 map went through strips
-    # fp64: exact up to summation order.
-    assert _vae_rel(strips, plain) <= 1e-12 and _vae_rel(strips, ref) <= 1e-12
+        ref = _vae_reference(d, z, stride)
+        for n in (1, 3):
+            ae.decoder.strip_pixels = None  # the plain forward and the plain definition of the last stage
+            plain = ae.decode(z, partitions=n)
+            assert grids == []
+            ae.decoder.strip_pixels = 7  # strips of one or two rows: exercises the in-place, one-strip-late writes
+            bounded = ae.decode(z, partitions=n)
+            # Each ResnetBlock conv and Upsample of the 5×6 and 10×12 maps in more than one strip; then the last stage.
+            assert len(grids) == 10 and all(k > 1 and c == 1 for k, c in grids[:-1]) and grids[-1] == (n, n)
+            grids.clear()
+            # fp64, different summation orders only: ≤ 1e-12 of the scale, each against the other and the peer.
+            assert rel(plain, ref) <= 1e-12 and rel(bounded, ref) <= 1e-12 and rel(bounded, plain) <= 1e-12
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -915,12 +929,11 @@ def test_vae_return_feature(tmp_path, stride):
     z = torch.randn(1, 4, 4, 6, dtype=torch.float64)
     with torch.no_grad():
         x, feat = ae.decode(z, return_feature=True)
-        assert feat.shape == (1, 32, 8, 12)  # ch channels before conv_out: H/2 for F16, H for F8
-        assert x.shape == (1, 3, 8 * stride, 12 * stride)
-        assert _vae_rel(x, ae.decode(z)) <= 1e-12  # the same output as without the feature (fp64)
-        if stride == 2:
-            ref_x, ref_feat = _vae_f16_reference(d, z, return_feature=True)
-            assert _vae_rel(feat, ref_feat) <= 1e-12 and _vae_rel(x, ref_x) <= 1e-12
+        ref_x, ref_feat = _vae_reference(d, z, stride, return_feature=True)
+    assert feat.shape == (1, 32, 8, 12)  # ch channels before conv_out: H/2 for F16, H for F8
+    assert x.shape == (1, 3, 8 * stride, 12 * stride)
+    # fp64 against the peer, summation order only: ≤ 1e-12 of the scale.
+    assert rel(feat, ref_feat) <= 1e-12 and rel(x, ref_x) <= 1e-12
 
 
 def test_vae_load_errors_name_the_keys(tmp_path):
@@ -954,16 +967,7 @@ def test_vae_load_errors_name_the_keys(tmp_path):
         vae.load_vae(folder)
 
 
-def test_vae_key_table_is_one_table_both_ways():
-    params = _vae_tiny_params()
-    table = vae.diffusers_key_map(params)
-    assert len(set(table.values())) == len(table)  # a bijection
-    assert table["decoder.up.1.upsample.conv.weight"] == "decoder.up_blocks.0.upsamplers.0.conv.weight"
-    assert table["encoder.mid.attn_1.proj_out.weight"] == "encoder.mid_block.attentions.0.to_out.0.weight"
-    assert table["decoder.up.0.block.0.nin_shortcut.bias"] == "decoder.up_blocks.1.resnets.0.conv_shortcut.bias"
-
-
-def test_vae_attention_chunks_long_sequences_exactly():
+def test_vae_attention_chunks_long_sequences():
     # 100² = 10,000 positions: without autograd the queries run in two chunks (2^26 scores each at most).
     torch.manual_seed(6)
     block = vae.AttnBlock(32, _VAE_GROUPS)
@@ -972,7 +976,7 @@ def test_vae_attention_chunks_long_sequences_exactly():
     whole = block(x).detach()  # autograd on: one SDPA call (the path checked against diffusers above)
     with torch.no_grad():
         chunked = block(x)
-    assert _vae_rel(chunked, whole) <= 1e-6  # fp32; softmax is per query row, so only rounding differs
+    assert rel(chunked, whole) <= 1e-6  # fp32; softmax is per query row, so only rounding differs
 
 
 # ====================================================================================================
