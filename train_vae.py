@@ -440,7 +440,7 @@ def evaluate(args) -> None:
 # CLI
 
 
-def _channels(text: str) -> list[int]:
+def _channels(text: str) -> list[int]:  # positive_int's message names the bad width
     return [positive_int(c) for c in text.split(",")]
 
 
