@@ -154,29 +154,24 @@ def compression_ratio(image, quality: int = 95) -> float:
 # Reconstruction metrics on (H, W, 3) uint8 pairs (data range 255)
 
 
-def _same_size(image, reference) -> tuple[np.ndarray, np.ndarray]:
-    """Both as (H, W, 3) uint8 arrays; ValueError if their sizes differ."""
+def _same_size(image, reference, dtype=np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """Both as (H, W, 3) arrays of `dtype`; ValueError if their sizes differ."""
     a, b = to_rgb_array(image), to_rgb_array(reference)
     if a.shape != b.shape:
         raise ValueError(f"image sizes differ: {a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}")
-    return a, b
-
-
-def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _same_size(image, reference)
-    return a.astype(np.float64), b.astype(np.float64)
+    return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
 
 
 def psnr(image, reference) -> float:
     """10·log10(255² / MSE) over all pixels and channels; inf for identical images."""
-    a, b = _pair(image, reference)
+    a, b = _same_size(image, reference, np.float64)
     mse = np.mean((a - b) ** 2)
     return math.inf if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def nmse(image, reference) -> float:
     """Normalized MSE ‖image − reference‖² / ‖reference‖² (0 if identical; inf for an all-black reference)."""
-    a, b = _pair(image, reference)
+    a, b = _same_size(image, reference, np.float64)
     den = np.sum(b**2)
     num = np.sum((a - b) ** 2)
     return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
@@ -192,7 +187,7 @@ def ssim(image, reference) -> float:
     """
     from scipy.ndimage import correlate1d
 
-    a, b = _pair(image, reference)
+    a, b = _same_size(image, reference, np.float64)
     r = 5  # window radius: 11 taps
     if min(a.shape[:2]) < 2 * r + 1:
         raise ValueError(f"SSIM needs images of at least {2 * r + 1}×{2 * r + 1}")
@@ -423,12 +418,15 @@ def glcm_patch_scores(levels: torch.Tensor, *, entropy: str = "distinct", chunk:
 # Loading images
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what load_image raises for a bad file
+
+
 def load_image(path) -> np.ndarray:
     """Read an image file as an (H, W, 3) uint8 RGB array: what OpenCV's `cv2.imread(path)` (the authors'
     reader) gives, as RGB. The EXIF orientation is applied; alpha is dropped (RGBA, LA, palette with
     transparency), not composited; grayscale is replicated to three channels (and its gray is itself
     again); 16-bit grayscale keeps its high byte, v >> 8 (libpng's strip-16 truncates); palette, bilevel,
-    CMYK, YCbCr, ... go through Pillow's conversion to RGB. OSError / ValueError (one line) for files
+    CMYK, YCbCr, ... go through Pillow's conversion to RGB. Raises one of UNREADABLE (one line) for files
     that are unreadable or unsupported."""
     with Image.open(path) as im:
         im.load()
@@ -465,6 +463,12 @@ def image_to_tensor(image) -> torch.Tensor:
     the input range of LPIPS and of the autoencoder."""
     rgb = torch.from_numpy(np.array(to_rgb_array(image)))  # a writable copy
     return (rgb.permute(2, 0, 1)[None].float() / 127.5 - 1).contiguous()
+
+
+def resize_shorter_side(image: Image.Image, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """The image scaled so that its shorter side is `size` (the longer one at least `size` after rounding)."""
+    scale = size / min(image.size)
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
 
 
 # ====================================================================================================

@@ -26,7 +26,7 @@ a run depends on the global batch, not on its split over GPUs, and --resume cont
 
 Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
 sample order), setup_distributed (torchrun or a 1-rank group), run_command (one-line user errors) and
-positive_int (argument check); metrics' image reader, LPIPS and the reconstruction metrics.
+positive_int (argument check); metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
 """
 import argparse
 import json
@@ -247,8 +247,6 @@ def load_models(args, device: torch.device) -> SCVAE:
 # Data: every image under a folder (recursively), random crops at native resolution, the sample stream
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-# Skipped files, in training and --eval: what metrics.load_image raises, and PIL's refusal of gigantic images
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 def list_images(folder: Path, flag: str = "--data") -> list[Path]:
@@ -259,12 +257,6 @@ def list_images(folder: Path, flag: str = "--data") -> list[Path]:
     if not files:
         raise vae.UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     return files
-
-
-def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
 
 
 class CropStream(torch.utils.data.Dataset):
@@ -282,11 +274,11 @@ class CropStream(torch.utils.data.Dataset):
             path = self.files[(index + attempt) % len(self.files)]
             try:
                 image = Image.fromarray(metrics.load_image(path))
-            except UNREADABLE as e:
+            except metrics.UNREADABLE as e:
                 print(f"skipped {path}: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
                 continue
             if min(image.size) < self.size:
-                image = resize_shorter_side(image, self.size, Image.Resampling.BICUBIC)
+                image = metrics.resize_shorter_side(image, self.size, Image.Resampling.BICUBIC)
             left, top = rng.randint(0, image.width - self.size), rng.randint(0, image.height - self.size)
             crop = image.crop((left, top, left + self.size, top + self.size))
             return {"image": metrics.image_to_tensor(crop)[0], "skipped": attempt}
@@ -404,11 +396,11 @@ def evaluate(args) -> None:
     for path in tqdm(files, desc="eval", unit="image", disable=args.no_progress, file=sys.stderr):
         try:
             image = Image.fromarray(metrics.load_image(path))
-        except UNREADABLE as e:
+        except metrics.UNREADABLE as e:
             skipped.append({"file": str(path), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
             continue
         if min(image.size) != n:
-            image = resize_shorter_side(image, n, Image.Resampling.LANCZOS)
+            image = metrics.resize_shorter_side(image, n)
         left, top = (image.width - n) // 2, (image.height - n) // 2
         rgb = np.asarray(image.crop((left, top, left + n, top + n)))
         x = metrics.image_to_tensor(rgb).to(device, dtype)

@@ -27,7 +27,7 @@ batch, not on its split over GPUs and accumulation steps, and resuming reproduce
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
 From the other scripts: `metrics.load_image`, the one image reader (EXIF orientation, alpha dropped, 16-bit
-high byte), so training sees an image as the metrics do; vae's `UserError`, `atomic_write`, `write_json`.
+high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's `UserError`, `atomic_write`, `write_json`.
 """
 import argparse
 import datetime
@@ -41,7 +41,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -271,15 +270,13 @@ def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
 def prepare_image(path: Path, resolution: int, rng: random.Random, flip: bool) -> Tensor:
     """metrics.load_image, then the shorter side resized to `resolution`, a random square crop and, when asked,
     a flip with probability ½; (3, resolution, resolution) in [−1, 1]."""
-    image = Image.fromarray(metrics.load_image(path))
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)  # anti-aliased when shrinking 6K-8K originals
-    left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+    # Lanczos: anti-aliased when shrinking 6K-8K originals
+    image = metrics.resize_shorter_side(Image.fromarray(metrics.load_image(path)), resolution)
+    left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
+    return metrics.image_to_tensor(image)[0]
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -299,8 +296,7 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             image = prepare_image(self.folder / row["file_name"], self.resolution, random.Random(f"{self.seed}/{i}"),
                                   self.flip)
-        # Missing, truncated, not an image (UnidentifiedImageError), an unsupported mode, a decompression bomb.
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except metrics.UNREADABLE as e:
             return {"row": i, "file_name": row["file_name"], "error": f"{type(e).__name__}: {e}".split("\n")[0]}
         return {"row": i, "text": row["text"], "image": image}
 

@@ -437,10 +437,8 @@ def atomic_write(path: Path, write) -> None:
         os.umask(mask := os.umask(0o022))  # reading the umask sets it: put it back
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # the writer may have failed before creating it
-            os.unlink(tmp)
-        raise
+    finally:  # after the rename there is nothing left; after a failure, whatever the writer left
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:
