@@ -428,17 +428,30 @@ class UserError(Exception):
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The file
-    gets the permissions of any file the user creates (umask), whatever the writer gave it (safetensors: 0600)."""
+    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The data and
+    the rename are fsynced (without it a power loss can leave the new name on empty blocks). The file gets the
+    permissions of any file the user creates (umask), whatever the writer gave it (safetensors: 0600). The temp
+    name carries the writer's pid, so that a later run can tell a dead process's leftovers (runs.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # unique beside the target
     try:
         write(tmp)
         os.umask(mask := os.umask(0o022))  # reading the umask sets it: put it back
         os.chmod(tmp, 0o666 & ~mask)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:  # after the rename there is nothing left; after a failure, whatever the writer left
         Path(tmp).unlink(missing_ok=True)
+
+
+def fsync(path) -> None:
+    """Flush a file's (or a folder's: its entries) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj) -> None:
