@@ -967,6 +967,59 @@ def test_vae_load_errors_name_the_keys(tmp_path):
         vae.load_vae(folder)
 
 
+def _broken_copies(good: Path, folder: Path) -> dict[str, Path]:
+    """Copies of a good weight file that no loader may accept, each in its own folder under the same name: empty,
+    cut short (its header promises more bytes than follow) and a text file. The mmdit and text_encoders loader
+    tests use it too."""
+    data = good.read_bytes()
+    copies = {}
+    for kind, content in (("empty", b""), ("truncated", data[:-64]), ("text", b"not weights, just text\n")):
+        (folder / kind).mkdir(parents=True)
+        copies[kind] = folder / kind / good.name
+        copies[kind].write_bytes(content)
+    return copies
+
+
+def _loader_error(load, named: Path, *words: str, error=ValueError) -> str:
+    """load() raises `error` with a one-line message that names the file `named` and holds every word."""
+    with pytest.raises(error) as err:
+        load()
+    message = str(err.value)
+    assert "\n" not in message and str(named) in message and all(w in message for w in words), message
+    return message
+
+
+def test_vae_load_rejects_broken_files_in_one_line(tmp_path):
+    sd = {k: v.contiguous() for k, v in vae.AutoEncoder(_vae_tiny_params()).state_dict().items()}
+    save_file(sd, tmp_path / "ae.safetensors")
+    for path in _broken_copies(tmp_path / "ae.safetensors", tmp_path).values():
+        _loader_error(lambda: vae.load_vae(path), path, "not a readable safetensors file")
+    key = "decoder.conv_out.weight"  # 3·32·3·3 = 864 entries
+    nan = sd[key].clone()
+    nan[1, 2, 0, 0] = float("nan")
+    bad = {"int": sd[key].to(torch.int32), "nan": nan, "big": torch.full_like(sd[key], 1e6),
+           "wide": torch.full_like(sd[key], 100.0)}
+    for name, value in bad.items():
+        save_file(sd | {key: value}, tmp_path / f"{name}.safetensors")
+    _loader_error(lambda: vae.load_vae(tmp_path / "int.safetensors"), tmp_path / "int.safetensors", key,
+                  "torch.int32, not a floating-point weight")
+    _loader_error(lambda: vae.load_vae(tmp_path / "nan.safetensors"), tmp_path / "nan.safetensors", key,
+                  "NaN or inf (as torch.float32)")
+    # 1e6 is finite in fp32 and inf in fp16: the check sees the tensor as it is loaded
+    assert vae.load_vae(tmp_path / "big.safetensors").decoder.conv_out.weight.isfinite().all()
+    _loader_error(lambda: vae.load_vae(tmp_path / "big.safetensors", dtype=torch.float16),
+                  tmp_path / "big.safetensors", key, "NaN or inf (as torch.float16)")
+    # 864 × 100 passes fp16's 65504: a finite tensor whose quick fp16 sum overflows still loads
+    weight = vae.load_vae(tmp_path / "wide.safetensors", dtype=torch.float16).decoder.conv_out.weight
+    assert weight.sum().isinf() and weight.isfinite().all()
+    folder = tmp_path / "vae"
+    vae.save_vae(vae.AutoEncoder(_vae_tiny_params()), folder)  # a diffusers folder: config.json beside the weights
+    (folder / "config.json").write_text('{"stride": 2,\n  "scaling_factor": }')
+    _loader_error(lambda: vae.load_vae(folder), folder / "config.json", "unreadable JSON", "line 2 column 21")
+    (folder / "config.json").write_text("[1, 2]")
+    _loader_error(lambda: vae.load_vae(folder), folder / "config.json", "not a JSON object")
+
+
 def test_vae_attention_chunks_long_sequences():
     # 100² = 10,000 positions: without autograd the queries run in two chunks (2^26 scores each at most).
     torch.manual_seed(6)
@@ -1341,6 +1394,46 @@ def test_mmdit_loader_errors(tmp_path):
         dev(**_mmdit_flux_inputs(1, 4, 4, guidance=False))
 
 
+def test_mmdit_loader_rejects_broken_files_in_one_line(tmp_path, monkeypatch):
+    """Each broken file fails with one ValueError line naming it (or FileNotFoundError naming the index);
+    the file-level checks run on every shard before any tensor is read."""
+    p = mmdit.FluxParams(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=64,
+                         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 14, 14))
+    model = mmdit.Flux(p)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "flux.safetensors")
+    for path in _broken_copies(tmp_path / "flux.safetensors", tmp_path / "broken").values():
+        _loader_error(lambda: mmdit.load_transformer(path), path, "not a readable safetensors file")
+    key = "img_in.weight"
+    inf = sd[key].clone()
+    inf[3, 5] = -float("inf")
+    for name, value, words in (("int", sd[key].to(torch.int64), "torch.int64, not a floating-point weight"),
+                               ("inf", inf, "NaN or inf (as torch.float32)")):
+        save_file(sd | {key: value}, tmp_path / f"{name}.safetensors")
+        _loader_error(lambda: mmdit.load_transformer(tmp_path / f"{name}.safetensors"),
+                      tmp_path / f"{name}.safetensors", key, words)
+    mmdit.save_transformer(model, tmp_path / "diffusers", layout="diffusers")
+    (tmp_path / "diffusers" / "config.json").write_text('{\n  "_class_name": "FluxTransformer2DModel",,\n}')
+    _loader_error(lambda: mmdit.load_transformer(tmp_path / "diffusers"), tmp_path / "diffusers" / "config.json",
+                  "unreadable JSON", "line 2 column 43")
+
+    (tmp_path / "sharded").mkdir()
+    index = Path(_mmdit_write_sharded(sd, tmp_path / "sharded"))
+    good_index = index.read_text()
+    for text, words in (("{", "unreadable JSON (Expecting property name"), ('{"weight_map": [1]}', '"weight_map"')):
+        index.write_text(text)
+        _loader_error(lambda: mmdit.load_transformer(index), index, words)
+    index.write_text(good_index.replace("model-00002-of-00002", "gone"))
+    _loader_error(lambda: mmdit.load_transformer(index), index, "missing", error=FileNotFoundError)
+    index.write_text(good_index)
+    shard = tmp_path / "sharded" / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    read = []  # spy: every tensor read passes through _weight
+    monkeypatch.setattr(mmdit, "_weight", lambda t, *args, **kw: read.append(args[1]) or t)
+    _loader_error(lambda: mmdit.load_transformer(tmp_path / "sharded"), shard, "incomplete metadata")
+    assert read == []  # the first shard is intact, yet none of its tensors was read before the second failed
+
+
 # ------------------------------------------------------------------------------- helpers and training hooks
 
 
@@ -1713,6 +1806,48 @@ def test_text_encoders_loader_errors(tmp_path):
                "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, tmp_path / "t5_relu.safetensors")
     with pytest.raises(ValueError, match="gated-gelu"):
         te.load_t5(tmp_path / "t5_relu.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_text_encoders_loader_rejects_broken_files_in_one_line(tmp_path, monkeypatch, kind):
+    """Each broken file fails with one ValueError line naming it; a truncated shard fails while the files are
+    opened, before any tensor is read."""
+    import transformers
+
+    if kind == "clip":
+        load, model = te.load_clip, transformers.CLIPTextModel(_text_encoders_clip_config())
+        key = "final_layer_norm.weight"
+    else:
+        load, model = te.load_t5, transformers.T5EncoderModel(_text_encoders_t5_config())
+        key = "encoder.final_layer_norm.weight"
+    model.save_pretrained(tmp_path / "single")
+    good = tmp_path / "single" / "model.safetensors"
+    for path in _broken_copies(good, tmp_path / "broken").values():
+        _loader_error(lambda: load(path), path, "not a readable safetensors file")
+    sd = load_file(good)
+    nan = sd[key].clone()
+    nan[7] = float("nan")
+    for name, value, words in (("int", sd[key].to(torch.int16), "torch.int16, not a floating-point weight"),
+                               ("nan", nan, "NaN or inf (as torch.float32)")):
+        save_file(sd | {key: value}, tmp_path / f"{name}.safetensors")
+        _loader_error(lambda: load(tmp_path / f"{name}.safetensors"), tmp_path / f"{name}.safetensors", key, words)
+    config = tmp_path / "single" / "config.json"
+    config.write_text(config.read_text()[:-20])
+    _loader_error(lambda: load(tmp_path / "single"), config, "unreadable JSON", "line")
+
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    good_index = index.read_text()
+    for text, words in (("{", "unreadable JSON (Expecting property name"), ('{"weight_map": [1]}', '"weight_map"')):
+        index.write_text(text)
+        _loader_error(lambda: load(tmp_path / "sharded"), index, words)
+    index.write_text(good_index)
+    shard = sorted((tmp_path / "sharded").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    read = []  # spy: every tensor is read through _Weights.tensor
+    monkeypatch.setattr(te._Weights, "tensor", lambda self, k, **to: read.append(k))
+    _loader_error(lambda: load(tmp_path / "sharded"), shard, "incomplete metadata")
+    assert read == []
 
 
 # ----------------------------------------------------------------------------------------------

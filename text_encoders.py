@@ -41,7 +41,7 @@ from pathlib import Path
 import sentencepiece
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from torch import Tensor, nn
@@ -278,10 +278,15 @@ class T5Encoder(nn.Module):
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object, or ValueError naming the file (JSONDecodeError gives the line, not the file). This,
+    _open_weights and _weight are vae.py's twins (reasons there): model files import nothing of the project."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
 
 
 class _Tokenizer:
@@ -498,15 +503,38 @@ _CLIP_ANCHOR = "embeddings.token_embedding.weight"  # one key every CLIP text to
 _T5_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
+def _open_weights(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _weight(t: Tensor, where, key: str, **to) -> Tensor:
+    if not t.is_floating_point():
+        raise ValueError(f"{where}: {key} is {t.dtype}, not a floating-point weight")
+    t = t.to(**to)
+    screen = t.sum(dtype=torch.float32 if t.element_size() == 1 else None)  # CPUs have no fp8 sum
+    if not screen.isfinite() and not t.float().isfinite().all():
+        raise ValueError(f"{where}: {key} holds NaN or inf (as {t.dtype})")
+    return t
+
+
 class _Weights(ExitStack):
-    """The tensors of one safetensors file or of a sharded set, read lazily by key; `with` closes the files."""
+    """The tensors of one safetensors file or of a sharded set, read lazily by key; `with` closes the files. Every
+    file is opened here (its header checked against its size), before any tensor is read."""
 
     def __init__(self, files: list[Path]):
         super().__init__()
-        self._file = {}
-        for file in files:
-            f = self.enter_context(safe_open(file, "pt"))
-            self._file.update(dict.fromkeys(f.keys(), f))
+        self._file, self._path = {}, {}
+        try:
+            for file in files:
+                f = self.enter_context(_open_weights(file))
+                self._file.update(dict.fromkeys(f.keys(), f))
+                self._path.update(dict.fromkeys(f.keys(), file))
+        except ValueError:
+            self.close()  # the files opened before the bad one
+            raise
         self.keys = set(self._file)
 
     def shape(self, key: str) -> tuple:
@@ -517,8 +545,9 @@ class _Weights(ExitStack):
         dtype = self._file[key].get_slice(key)[:1].dtype
         return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
-    def tensor(self, key: str) -> Tensor:
-        return self._file[key].get_tensor(key)
+    def tensor(self, key: str, **to) -> Tensor:
+        """The tensor, converted by .to(**to) and checked by _weight."""
+        return _weight(self._file[key].get_tensor(key), self._path[key], key, **to)
 
 
 def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[Path], dict | None]:
@@ -537,7 +566,10 @@ def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[P
             raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json); {hint}")
         path = found[0]
     if path.name.endswith(".index.json"):
-        files = [folder / name for name in sorted(set(_read_json(path).get("weight_map", {}).values()))]
+        weight_map = _read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ValueError(f"{path}: no \"weight_map\" of tensor names to file names")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"{path}: lists no shards, or some are missing from {folder}")
     elif path.suffix == ".safetensors":
@@ -583,7 +615,7 @@ def _materialize(model_cls, config, w: _Weights, file_key, stored: set[str], whe
         parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
                  for label, items in problems if items]
         raise ValueError(f"{where}: weights do not fit {config}: " + "; ".join(parts))
-    sd = {k: w.tensor(names[k]).to(device=device, dtype=dtype_of(k)) for k in expected}
+    sd = {k: w.tensor(names[k], device=device, dtype=dtype_of(k)) for k in expected}
     model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)
 
