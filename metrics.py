@@ -522,10 +522,26 @@ def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
     return row, None, None
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """UserError unless write_json can write `path` (a temporary file beside it, then a rename; missing folders are
+    created): checked before scoring, which can take hours, not after it."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists():  # the first existing ancestor is where the missing folders would be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
+        raise UserError(f"{flag} {path}: cannot write in {folder}")
+
+
 def _evaluate(args) -> dict:
     root = Path(args.dir)
     if not root.exists():
         raise UserError(f"{root}: no such file or directory")
+    if args.json:
+        _check_writable(Path(args.json), "--json")
     ref_root = Path(args.ref) if args.ref else None
     if ref_root is not None and not ref_root.is_dir():
         raise UserError(f"--ref {ref_root}: no such directory")
@@ -579,6 +595,11 @@ def _evaluate(args) -> dict:
     if pairs:  # set-level metrics (FID, CLIPScore) would go here too
         summary["pairs"] = len(pairs)
         summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in args.pair_metrics})
+        # An identical pair's PSNR is ∞, which would make the mean ∞ whatever the other pairs: PSNR is averaged
+        # over the pairs that differ, and the identical ones are counted (SSIM 1 and NMSE 0 average as they are).
+        differ = [r["psnr"] for r in pairs if math.isfinite(r["psnr"])]
+        summary["psnr_mean"] = float(np.mean(differ)) if differ else None
+        summary["identical_pairs"] = len(pairs) - len(differ)
     settings = {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
                 "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []}
     return {"settings": settings, "summary": summary, "images": rows, "skipped": skipped, "unmatched": unmatched}
@@ -602,7 +623,13 @@ def _print_report(result: dict) -> None:
     print(f"compression ratio  {s['compression_ratio_of_totals']:.3f}  (ratio of totals, the paper's); "
           f"mean of per-image ratios {s['compression_ratio_mean']:.3f}")
     for k in pair_keys:
-        print(f"{k.upper():<18} {s[k + '_mean']:.4f}  (mean over {s['pairs']} pair(s))")
+        if k != "psnr" or not s["identical_pairs"]:
+            print(f"{k.upper():<18} {s[k + '_mean']:.4f}  (mean over {s['pairs']} pair(s))")
+        elif s["psnr_mean"] is None:
+            print(f"{'PSNR':<18} inf     (all {s['pairs']} pair(s) identical)")
+        else:
+            print(f"{'PSNR':<18} {s['psnr_mean']:.4f}  (mean over the {s['pairs'] - s['identical_pairs']} pair(s) "
+                  f"that differ; {s['identical_pairs']} identical pair(s), PSNR inf, left out)")
     for title, items in (("skipped", result["skipped"]), ("without reference metrics", result["unmatched"])):
         if items:
             print(f"{title}: {len(items)} file(s)")
@@ -638,7 +665,11 @@ def main(argv=None) -> int:
         return 2
     _print_report(result)
     if args.json:
-        write_json(Path(args.json), result)
+        try:
+            write_json(Path(args.json), result)
+        except OSError as e:  # checked before scoring; the disk can still fill up or the folder go away
+            print(f"error: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 0
 

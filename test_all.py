@@ -545,6 +545,74 @@ def test_metrics_cli_bad_input_is_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_metrics_cli_json_target_is_checked_before_scoring(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "images"
+    d.mkdir()
+    Image.fromarray(_metrics_photo("astronaut")[:64, :64]).save(d / "a.png")
+    (tmp_path / "file.txt").write_text("x")
+    scored = []  # spy: the CLI scores every image through glcm_score
+    monkeypatch.setattr(metrics, "glcm_score", lambda *a, **k: scored.append(a) or 1.0)
+    for target, why in ((tmp_path, "is a directory; give a file name"),
+                        (tmp_path / "file.txt" / "m.json", f"{tmp_path / 'file.txt'} is not a directory")):
+        assert metrics.main([str(d), "--json", str(target), "--quiet"]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: --json {target}: {why}"]
+    assert scored == []
+    # a target in folders that do not exist yet is fine: write_json creates them (and scoring did run)
+    assert metrics.main([str(d), "--json", str(tmp_path / "new" / "m.json"), "--quiet"]) == 0
+    assert len(scored) == 1 and json.loads((tmp_path / "new" / "m.json").read_text())["summary"]["glcm_mean"] == 1.0
+
+
+def test_metrics_cli_json_in_a_read_only_folder_fails_before_scoring(tmp_path, capsys, monkeypatch):
+    d, locked = tmp_path / "images", tmp_path / "locked"
+    d.mkdir()
+    locked.mkdir()
+    Image.fromarray(_metrics_photo("astronaut")[:64, :64]).save(d / "a.png")
+    scored = []
+    monkeypatch.setattr(metrics, "glcm_score", lambda *a, **k: scored.append(a) or 1.0)
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this user may write into read-only folders (root with CAP_DAC_OVERRIDE)")
+        for target in (locked / "m.json", locked / "sub" / "m.json"):
+            assert metrics.main([str(d), "--json", str(target), "--quiet"]) == 2
+            assert capsys.readouterr().err.splitlines() == [f"error: --json {target}: cannot write in {locked}"]
+    finally:
+        locked.chmod(0o755)
+    assert scored == []
+
+
+def test_metrics_cli_identical_pairs_leave_the_psnr_mean_finite(tmp_path, capsys):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    d, ref = tmp_path / "images", tmp_path / "ref"
+    d.mkdir()
+    ref.mkdir()
+    astro, coffee = _metrics_photo("astronaut")[:128, :128], _metrics_photo("coffee")[:128, :128]
+    noisy = np.clip(astro + np.random.default_rng(0).normal(0, 5, astro.shape), 0, 255).astype(np.uint8)
+    for name, image, reference in (("same.png", coffee, coffee), ("noisy.png", noisy, astro)):
+        Image.fromarray(image).save(d / name)
+        Image.fromarray(reference).save(ref / name)
+    out = tmp_path / "m.json"
+    assert metrics.main([str(d), "--ref", str(ref), "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    s, rows = result["summary"], {r["file"]: r for r in result["images"]}
+    assert rows["same.png"]["psnr"] is None  # inf per pair, null in strict JSON
+    assert s["pairs"] == 2 and s["identical_pairs"] == 1
+    # the mean over the pair that differs; SSIM and NMSE are finite for identical pairs and average over both
+    assert s["psnr_mean"] == pytest.approx(peak_signal_noise_ratio(astro, noisy, data_range=255), rel=1e-12)
+    ssim = structural_similarity(astro, noisy, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=255, channel_axis=-1)
+    assert s["ssim_mean"] == pytest.approx((1 + ssim) / 2, rel=1e-10)
+    psnr_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("PSNR"))
+    assert f"{s['psnr_mean']:.4f}" in psnr_line and "1 pair(s) that differ; 1 identical pair(s)" in psnr_line
+
+    (d / "noisy.png").unlink()  # only identical pairs: no mean to give, and the report says why
+    assert metrics.main([str(d), "--ref", str(ref), "--json", str(out), "--quiet"]) == 0
+    s = json.loads(out.read_text())["summary"]
+    assert s["psnr_mean"] is None and s["identical_pairs"] == s["pairs"] == 1
+    assert "(all 1 pair(s) identical)" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------
 # LPIPS
 
