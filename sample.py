@@ -10,8 +10,12 @@ Rectified flow: x_t = (1 − t)·x0 + t·ε, the transformer predicts v = ε −
 
 The schedules and the Euler step equal diffusers' FlowMatchEulerDiscreteScheduler, with which the authors' release
 samples. Differences from that release: the Euler state stays in fp32 while the transformer runs in bf16 (diffusers
-rounds it back to bf16 after every step, so the rounding accumulates over 50 steps); images are lossless PNG (theirs
-are JPEG, quality 95); flux-dev's guidance defaults to FLUX.1-dev's own 3.5 (their script defaults to 7.0).
+rounds it back to bf16 after every step, so the rounding accumulates over 50 steps); a single image is lossless PNG by
+default (theirs are JPEG, quality 95, as --prompts writes them); flux-dev's guidance defaults to FLUX.1-dev's own 3.5
+(their script defaults to 7.0).
+
+The paper's evaluation generates one square image per prompt of the evaluation set's metadata.jsonl, every prompt
+from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half.
 """
 import argparse
 import json
@@ -39,7 +43,8 @@ DEFAULT_GUIDANCE = {"flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 fa
 
 def get_noise(num: int, height: int, width: int, downsample: int, seed: int, channels: int = 16) -> torch.Tensor:
     """Gaussian latents (num, channels, height/downsample, width/downsample) in fp32, drawn on the CPU
-    from `seed` so that the same seed gives the same image on any device."""
+    from `seed` so that the same seed gives the same image on any device. The CPU generator (mt19937) keeps only
+    the seed's low 32 bits: seeds that differ by a multiple of 2**32 draw the same noise."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(num, channels, height // downsample, width // downsample, generator=generator)
 
@@ -131,14 +136,16 @@ class Pipeline:
     notes: list[str] = field(default_factory=list)
 
 
-def load_pipeline(model: str, weights, *, vae: str | None = None, device="cpu", dtype=torch.bfloat16) -> Pipeline:
+def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = None, device="cpu",
+                  dtype=torch.bfloat16) -> Pipeline:
     """Load `model` from `weights` onto `device` (the CPU when offloading) in `dtype`.
+    transformer: a file or diffusers folder that replaces the transformer found in `weights` (a WLF fine-tune).
     vae: "f8", "f16" or None (what the weights' autoencoder config says; F8 for the official files)."""
     if model == "tiny":
         return tiny_pipeline(vae=vae, device=device, dtype=dtype)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
-    paths = find_weights(model, weights)
+    paths = find_weights(model, weights, transformer)
     ae = vae_lib.load_vae(paths["vae"], stride={"f8": 1, "f16": 2, None: None}[vae], device=device, dtype=dtype)
     transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
@@ -168,22 +175,33 @@ _TRANSFORMER_FILES = {"flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flu
                       "sd3.5-large": "sd3.5_large*.safetensors"}
 
 
-def find_weights(model: str, root: str | os.PathLike) -> dict[str, Path]:
-    """The path of every piece `model` needs under `root`: transformer, vae, text encoders, tokenizers
-    (a diffusers sub-folder is returned as the folder)."""
+def find_weights(model: str, root: str | os.PathLike, transformer: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The path of every piece `model` needs under `root`: transformer (unless given), vae, text encoders,
+    tokenizers (a diffusers sub-folder is returned as the folder). Two files matching one pattern are an error:
+    which one is meant (flux1-dev.safetensors or a fine-tune beside it?) is not ours to guess."""
     root = Path(root)
     if not root.is_dir():
         raise vae_lib.UserError(f"weights directory not found: {root} (give --weights DIR with the official files "
                                 "or a diffusers snapshot)")
 
-    def find(what: str, *candidates: str) -> Path:
+    def find(what: str, *candidates: str, fallback: Path | None = None) -> Path:
         for pattern in candidates:
             matches = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
+            if len(matches) > 1:
+                choose = "choose one with --transformer FILE" if what.endswith("transformer") else \
+                    "leave only the one to use in the folder"
+                raise vae_lib.UserError(f"{what}: {len(matches)} files in {root} match {pattern} "
+                                        f"({', '.join(p.name for p in matches)}); {choose}")
             if matches:
                 return matches[0].parent if matches[0].name == "config.json" else matches[0]
+        if fallback is not None:
+            return fallback
         raise vae_lib.UserError(f"{what} not found in {root} (looked for: {', '.join(candidates)})")
 
-    transformer = find(f"{model} transformer", "transformer/config.json", _TRANSFORMER_FILES[model])
+    if transformer is None:
+        transformer = find(f"{model} transformer", "transformer/config.json", _TRANSFORMER_FILES[model])
+    elif not (transformer := Path(transformer)).exists():
+        raise vae_lib.UserError(f"--transformer {transformer}: not found")
     if model.startswith("flux"):
         return {
             "transformer": transformer,
@@ -195,16 +213,16 @@ def find_weights(model: str, root: str | os.PathLike) -> dict[str, Path]:
             "clip_l_tokenizer": find("CLIP tokenizer", "tokenizer"),
             "t5_tokenizer": find("T5 tokenizer", "tokenizer_2"),
         }
-    bundled = [transformer.name] if transformer.suffix == ".safetensors" else []  # "incl_clips" files hold them all
+    bundled = transformer if transformer.suffix == ".safetensors" else None  # "incl_clips" files hold them all
     return {
         "transformer": transformer,
-        "vae": find("autoencoder", "vae/config.json", *bundled),
+        "vae": find("autoencoder", "vae/config.json", fallback=bundled),
         "clip_l": find("CLIP-L text encoder", "text_encoder/config.json", "text_encoders/clip_l.safetensors",
-                       "clip_l.safetensors", *bundled),
+                       "clip_l.safetensors", fallback=bundled),
         "clip_g": find("CLIP-G text encoder", "text_encoder_2/config.json", "text_encoders/clip_g.safetensors",
-                       "clip_g.safetensors", *bundled),
+                       "clip_g.safetensors", fallback=bundled),
         "t5": find("T5-XXL text encoder", "text_encoder_3/config.json", "text_encoders/t5xxl*.safetensors",
-                   "t5xxl*.safetensors", *bundled),
+                   "t5xxl*.safetensors", fallback=bundled),
         "clip_l_tokenizer": find("CLIP-L tokenizer", "tokenizer"),
         "clip_g_tokenizer": find("CLIP-G tokenizer", "tokenizer_2", "tokenizer"),
         "t5_tokenizer": find("T5 tokenizer", "tokenizer_3"),
@@ -239,11 +257,12 @@ def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, 
                                                        shift_factor=0.1159, stride=1 if vae == "f8" else 2, groups=8))
     transformer = mmdit.Flux(mmdit.FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
                                               num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 12, 12)))
-    clip_dir, t5_dir = tiny_tokenizer_files(Path(tempfile.mkdtemp(prefix="tiny-tokenizers-")))
-    clip_tok, t5_tok = te.CLIPTokenizer(clip_dir, pad_token="<|endoftext|>"), te.T5Tokenizer(t5_dir, max_length=64)
-    clip = te.CLIPText(te.CLIPTextConfig(vocab_size=len(json.loads((clip_dir / "vocab.json").read_text())),
-                                         hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizers-") as folder:  # the tokenizers read it all at once
+        clip_dir, t5_dir = tiny_tokenizer_files(Path(folder))
+        clip_tok, t5_tok = te.CLIPTokenizer(clip_dir, pad_token="<|endoftext|>"), te.T5Tokenizer(t5_dir, max_length=64)
+        clip_vocab = len(json.loads((clip_dir / "vocab.json").read_text()))
+    clip = te.CLIPText(te.CLIPTextConfig(vocab_size=clip_vocab, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
     t5 = te.T5Encoder(te.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
     conditioner = te.FluxConditioner(clip, t5, clip_tok, t5_tok)
     for module in (ae, transformer, clip, t5):
@@ -310,38 +329,132 @@ def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int
     with on_device([pipe.ae], device, offload), torch.inference_mode():
         images = torch.cat([pipe.ae.decode(latents[i:i + 1].to(dtype), partitions=partitions)
                             for i in range(num_images)])
+    if not torch.isfinite(images).all():  # saved, it would be a flat black image that passes for a result
+        raise vae_lib.UserError("the images hold NaN or inf (non-finite weights, or an fp16 overflow: try --dtype "
+                                "bf16 or fp32); none written")
     return images.float().clamp(-1, 1), stats
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Saving
+# Saving, and the prompts of an evaluation set
+
+FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}  # file extension -> --format
 
 
-def save_png(image: torch.Tensor, path: str, metadata: dict) -> None:
-    """Write one (3, H, W) image in [−1, 1] as a PNG with `metadata` as text chunks, atomically:
-    a crash or a full disk never leaves a partial file under the final name."""
+def save_image(image: torch.Tensor, path, metadata: dict, fmt: str = "png", quality: int = 95) -> None:
+    """Write one (3, H, W) image in [−1, 1] as PNG (`metadata` in text chunks) or JPEG at `quality` (`metadata` as
+    JSON in its comment), atomically: a crash or a full disk never leaves a partial file under the final name."""
     array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
-    vae_lib.atomic_write(Path(path).absolute(),
-                         lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, str(value))
+        options = {"format": "PNG", "pnginfo": info}
+    else:
+        options = {"format": "JPEG", "quality": quality, "comment": json.dumps(metadata)}
+    vae_lib.atomic_write(Path(path).absolute(), lambda tmp: Image.fromarray(array).save(tmp, **options))
+
+
+def read_prompts(path) -> list[tuple[str, Path]]:
+    """(prompt, image name) for each line of an Aesthetic-4K metadata.jsonl, {"file_name": ..., "text": ...} (the
+    keys train_wlf.py reads); the name is file_name without its extension. A bad line is an error naming the file
+    and line, not a skip: a generated set short of a prompt would be scored as if it were the evaluation set."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise vae_lib.UserError(f"--prompts {path}: cannot read it ({e})") from None
+    prompts, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file_name, text = Path(str(row["file_name"])), str(row["text"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise vae_lib.UserError(f'{path}:{number}: not a {{"file_name": ..., "text": ...}} object '
+                                    f"({type(e).__name__}: {e})") from None
+        if file_name.is_absolute() or ".." in file_name.parts or not file_name.name:
+            raise vae_lib.UserError(f"{path}:{number}: file_name {str(file_name)!r} is not a path inside the folder")
+        if (name := file_name.with_suffix("")) in seen:
+            raise vae_lib.UserError(f"{path}:{number}: file_name {str(file_name)!r} names the same image as line "
+                                    f"{seen[name]}")
+        seen[name] = number
+        prompts.append((text, name))
+    if not prompts:
+        raise vae_lib.UserError(f"--prompts {path}: no prompts in it")
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: every check that can fail runs before the weights load
+
+
+def pick_device(name: str) -> torch.device:
+    """--device as a torch.device; under torchrun a CUDA run takes GPU LOCAL_RANK."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise vae_lib.UserError(f"--device {name}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise vae_lib.UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise vae_lib.UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)  # synchronize() and the memory statistics read the current device
+    return device
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """The nearest existing folder on the way to `folder` must take new files."""
+    folder = folder.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise vae_lib.UserError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise vae_lib.UserError(f"{what}: cannot write in {existing} (read-only)")
+
+
+def plan_jobs(a, rank: int, world: int) -> tuple[list, str]:
+    """[(prompt, output paths)] and the image format: one prompt's --num-images images, or one image for each of
+    this rank's --prompts lines (rank, rank + world, ...)."""
+    if a.prompts:
+        if a.num_images != 1:
+            raise vae_lib.UserError("--num-images: --prompts makes one image per prompt")
+        fmt, out = a.format or "jpg", Path(a.out or f"out/{a.model}")
+        check_writable(out, f"--out {out}")
+        return [(text, [out / f"{name}.{fmt}"]) for text, name in read_prompts(a.prompts)[rank::world]], fmt
+    fmt = a.format or FORMATS.get(Path(a.out or "").suffix.lower(), "png")
+    out = Path(a.out or f"out/{a.model}-{a.seed}.{fmt}")
+    if out.is_dir():
+        raise vae_lib.UserError(f"--out {out} is a folder: give an image file name (--prompts fills a folder)")
+    if FORMATS.get(out.suffix.lower()) != fmt:
+        raise vae_lib.UserError(f"--out {out}: name a .png, .jpg or .jpeg file" +
+                                (f" for --format {a.format}" if a.format else ""))
+    check_writable(out.parent, f"--out {out}")
+    if a.num_images > 1:  # -0, -1, ... before the extension
+        return [(a.prompt, [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(a.num_images)])], fmt
+    return [(a.prompt, [out])], fmt
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Text-to-image up to 4096×4096 with Flux or SD3 (Diffusion-4K).")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the text (or --prompts FILE)")
+    p.add_argument("--prompts", help='metadata.jsonl ({"file_name", "text"} lines): one image per line, named after '
+                   "file_name, in the --out folder; images already there are skipped; under torchrun rank r of N "
+                   "takes lines r, r+N, ...")
     p.add_argument("--model", default="flux-dev", help=f"one of {', '.join(MODELS)} (tiny: random weights)")
     p.add_argument("--weights", help="folder with the official files or a diffusers snapshot (not for tiny)")
+    p.add_argument("--transformer", help="transformer file or folder instead of the one in --weights (a fine-tune)")
     p.add_argument("--width", type=int, help="pixels (default 4096; 512 for tiny)")
     p.add_argument("--height", type=int, help="pixels (default 4096; 512 for tiny)")
     p.add_argument("--steps", type=int, help="Euler steps (50 flux-dev, 4 flux-schnell, 28 SD3)")
     p.add_argument("--guidance", type=float, help="Flux: distilled guidance (3.5); SD3: CFG scale (7.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1; with --prompts the seed of every prompt")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--vae", choices=("f8", "f16"), help="autoencoder: F8 (official) or F16 (Diffusion-4K); "
                    "default: what the weights' VAE config says (stride 2 = F16), else F8; tiny: F16")
@@ -349,49 +462,70 @@ def main(argv=None) -> int:
     p.add_argument("--offload", action="store_true", help="keep components on the CPU, each on the GPU while it works")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="PNG path (default out/MODEL-SEED.png; -i suffixes for several images)")
+    p.add_argument("--out", help="image path (default out/MODEL-SEED.png; -i suffixes for several images); with "
+                   "--prompts a folder (default out/MODEL)")
+    p.add_argument("--format", choices=("png", "jpg"), help="default: --out's extension, else png; jpg with --prompts")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95, as the authors' evaluation)")
     a = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    start = time.perf_counter()
     try:
         if a.model not in MODELS:  # checked before --weights, so a typo is not reported as missing weights
-            raise ValueError(f"unknown model {a.model!r}: choose one of {', '.join(MODELS)}")
+            raise vae_lib.UserError(f"unknown model {a.model!r}: choose one of {', '.join(MODELS)}")
         if a.model != "tiny" and not a.weights:
             raise vae_lib.UserError(f"--model {a.model} needs --weights DIR (the official files or a diffusers "
                                     "snapshot); --model tiny runs without weights")
-        if a.num_images < 1:
-            raise ValueError(f"--num-images must be at least 1, got {a.num_images}")
-        if a.partitions is not None and a.partitions < 1:
-            raise ValueError(f"--partitions must be at least 1, got {a.partitions}")
+        if (a.prompt is None) == (a.prompts is None):
+            raise vae_lib.UserError("give one prompt or --prompts FILE (one of the two)")
+        for name in ("width", "height", "steps", "num_images", "partitions"):
+            if (value := getattr(a, name)) is not None and value < 1:
+                raise vae_lib.UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 <= a.seed < 2**32:
+            raise vae_lib.UserError(f"--seed must be in 0..{2**32 - 1} (the noise generator keeps the seed's low "
+                                    f"32 bits, so other seeds repeat these), got {a.seed}")
+        if not 1 <= a.quality <= 100:
+            raise vae_lib.UserError(f"--quality must be in 1..100, got {a.quality}")
+        device = pick_device(a.device)
+        jobs, fmt = plan_jobs(a, rank, world)
+        share = len(jobs)
+        if a.prompts:  # a killed run continues where it stopped: the images it wrote are whole (atomic_write)
+            jobs = [(prompt, paths) for prompt, paths in jobs if not paths[0].exists()]
         sd3 = a.model.startswith("sd3")
         size = 512 if a.model == "tiny" else 4096
         width, height = a.width or size, a.height or size
         steps = a.steps if a.steps is not None else (28 if sd3 else DEFAULT_STEPS[a.model])
         guidance = a.guidance if a.guidance is not None else (7.0 if sd3 else DEFAULT_GUIDANCE[a.model])
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 None: torch.bfloat16 if a.device.startswith("cuda") else torch.float32}[a.dtype]
-        if a.device.startswith("cuda"):
+                 None: torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        pipe = load_pipeline(a.model, a.weights, vae=a.vae, device="cpu" if a.offload else a.device, dtype=dtype)
-        for note in pipe.notes:
-            print(f"note: {note}", file=sys.stderr)
-        images, stats = generate(pipe, a.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                 seed=a.seed, num_images=a.num_images, partitions=a.partitions, device=a.device,
-                                 offload=a.offload)
-    except (vae_lib.UserError, ValueError, FileNotFoundError) as e:
+        seconds_per_step = []
+        if jobs:
+            pipe = load_pipeline(a.model, a.weights, transformer=a.transformer, vae=a.vae,
+                                 device="cpu" if a.offload else device, dtype=dtype)
+            for note in pipe.notes:
+                print(f"note: {note}", file=sys.stderr)
+            metadata = {"model": a.model, "seed": a.seed, "steps": steps, "guidance": guidance, "width": width,
+                        "height": height, "vae": f"F{pipe.ae.factor}"}
+        with tqdm(total=share, initial=share - len(jobs), desc="images", unit="image", file=sys.stderr,
+                  disable=not a.prompts or rank != 0) as bar:
+            for prompt, paths in jobs:
+                images, stats = generate(pipe, prompt, width=width, height=height, steps=steps, guidance=guidance,
+                                         seed=a.seed, num_images=len(paths), partitions=a.partitions, device=device,
+                                         offload=a.offload, progress=not a.prompts)
+                for i, path in enumerate(paths):
+                    save_image(images[i], path, {"prompt": prompt, **metadata, "index": i}, fmt, a.quality)
+                    print(path, flush=True)
+                seconds_per_step.append(stats["seconds_per_step"])
+                bar.update()
+    except (vae_lib.UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metadata = {"prompt": a.prompt, "model": a.model, "seed": a.seed, "steps": steps, "guidance": guidance,
-                "width": width, "height": height, "vae": f"F{pipe.ae.factor}"}
-    paths = [a.out or f"out/{a.model}-{a.seed}.png"]
-    if a.num_images > 1:  # -0, -1, ... before the extension
-        stem, ext = os.path.splitext(paths[0])
-        paths = [f"{stem}-{i}{ext or '.png'}" for i in range(a.num_images)]
-    for i, path in enumerate(paths):
-        save_png(images[i], path, {**metadata, "index": i})
-        print(path)
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU" if a.device.startswith("cuda") else "n/a on CPU"
-    print(f"{stats['seconds_per_step']:.3f} s/step, total {time.perf_counter() - start:.1f} s, peak memory {peak}",
-          file=sys.stderr)
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    counts = f"{len(jobs)} written, {share - len(jobs)} already there; " if a.prompts else ""
+    speed = f"{sum(seconds_per_step) / len(seconds_per_step):.3f} s/step, " if seconds_per_step else ""
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU" if device.type == "cuda" else "n/a on CPU"
+    print(f"{who}{counts}{speed}total {time.perf_counter() - start:.1f} s, peak memory {peak}", file=sys.stderr)
     return 0
 
 

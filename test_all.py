@@ -2278,9 +2278,13 @@ def test_sample_sd3_cfg_path(_sample_sd3_dirs, tmp_path):
                                                       seed=1, progress=False)[0])
 
 
-def test_sample_tiny_runs_without_weights(tmp_path):
+def test_sample_tiny_runs_without_weights(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))  # where tiny writes its tokenizer files for a moment
     code, out = _sample_run(["x", "--model", "tiny", "--width", "64", "--height", "96", "--steps", "1"], tmp_path)
     assert code == 0 and Image.open(out).size == (64, 96)
+    assert list(temp.iterdir()) == []  # nothing left behind
 
 
 @pytest.mark.parametrize("args, message", [
@@ -2312,6 +2316,189 @@ def test_sample_sd3_grid_limit_is_a_clear_error(_sample_sd3_dirs, tmp_path, caps
                            "--width", "320", "--height", "64", "--steps", "1"], tmp_path)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "pos_embed_max_size 16" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --prompts (the paper's evaluation set: one image per metadata.jsonl line), and what the CLI refuses up front
+
+_SAMPLE_TINY = ["--model", "tiny", "--width", "64", "--height", "64", "--steps", "2", "--device", "cpu"]
+
+
+def _sample_tree(root: Path) -> dict:
+    """Every entry under `root`, hidden temp files included: path -> (inode, bytes), or None for a folder."""
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.read_bytes()) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def _sample_metadata(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_sample_prompts_generate_the_evaluation_set(tmp_path, capsys):
+    """One JPEG (quality 95) per line, named after file_name in its folder; a second run skips them all; a deleted
+    image comes back bit for bit (the same computation); each equals the single-prompt CLI's image at seed 0."""
+    rows = {"a.jpg": {"file_name": "a.jpg", "text": "a red fox"},
+            "sub/b.jpg": {"file_name": "sub/b.png", "text": "a blue car"},
+            "c.jpg": {"file_name": "c", "text": "a lighthouse at dawn"}}
+    meta = _sample_metadata(tmp_path / "metadata.jsonl", [*rows.values()][:2] + [""] + [rows["c.jpg"]])
+    gen = tmp_path / "gen"
+    assert sample.main(["--prompts", str(meta), "--out", str(gen), *_SAMPLE_TINY]) == 0
+    first = _sample_tree(gen)
+    assert sorted(k for k, v in first.items() if v) == sorted(rows)  # and no temp files
+    Image.new("RGB", (64, 64)).save(tmp_path / "q95.jpg", quality=95)
+    q95 = Image.open(tmp_path / "q95.jpg").quantization
+    for name, row in rows.items():
+        image = Image.open(gen / name)
+        assert image.format == "JPEG" and image.size == (64, 64) and image.quantization == q95
+        assert json.loads(image.info["comment"])["prompt"] == row["text"] and np.asarray(image).std() > 0
+    assert not np.array_equal(np.asarray(Image.open(gen / "a.jpg")), np.asarray(Image.open(gen / "c.jpg")))
+
+    single = tmp_path / "single.jpg"
+    assert sample.main(["a red fox", "--seed", "0", "--out", str(single), *_SAMPLE_TINY]) == 0
+    assert single.read_bytes() == first["a.jpg"][1]  # the same prompt, seed and computation: the same bytes
+
+    capsys.readouterr()
+    assert sample.main(["--prompts", str(meta), "--out", str(gen), *_SAMPLE_TINY]) == 0
+    assert _sample_tree(gen) == first  # the same files, not rewritten (inodes kept: atomic_write would replace)
+    assert "0 written, 3 already there" in capsys.readouterr().err
+
+    (gen / "sub/b.jpg").unlink()  # (its inode number may be reused: only the bytes can tell)
+    assert sample.main(["--prompts", str(meta), "--out", str(gen), *_SAMPLE_TINY]) == 0
+    again = _sample_tree(gen)
+    assert {k: v and v[1] for k, v in again.items()} == {k: v and v[1] for k, v in first.items()}
+    assert again["a.jpg"] == first["a.jpg"] and again["c.jpg"] == first["c.jpg"]
+    assert "1 written, 2 already there" in capsys.readouterr().err
+
+
+def test_sample_prompts_torchrun_splits_the_same_images(tmp_path):
+    """torchrun --nproc_per_node 2 (CPU): rank r takes lines r, r + 2, ...; the seed belongs to the prompt, so the
+    files equal one process's bit for bit (both on one thread, as torchrun's ranks run here: the same computation)."""
+    meta = _sample_metadata(tmp_path / "metadata.jsonl", [{"file_name": f"{i}.jpg", "text": f"prompt {i}"}
+                                                          for i in range(3)])
+    args = ["--prompts", str(meta), *_SAMPLE_TINY]
+    run = _train_wlf_run([*args, "--out", str(tmp_path / "n2")], 2, tmp_path, script=sample.__file__)
+    assert sorted(run.stdout.split()) == [str(tmp_path / "n2" / f"{i}.jpg") for i in range(3)]  # each once
+    assert "rank 0 of 2: 2 written" in run.stderr and "rank 1 of 2: 1 written" in run.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in _train_wlf_run
+    try:
+        assert sample.main([*args, "--out", str(tmp_path / "n1")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = _sample_tree(tmp_path / "n1"), _sample_tree(tmp_path / "n2")
+    assert sorted(one) == ["0.jpg", "1.jpg", "2.jpg"] and {k: v[1] for k, v in one.items()} == \
+        {k: v[1] for k, v in two.items()}
+
+
+_SAMPLE_PROMPT_FILES = {
+    "good.jsonl": ['{"file_name": "a.jpg", "text": "x"}'],
+    "bad.jsonl": ['{"file_name": "a.jpg", "text": "x"}', "", '{"file_name": "b.jpg", "text": '],
+    "notext.jsonl": ['{"file_name": "a.jpg", "caption": "x"}'],
+    "escape.jsonl": ['{"file_name": "../a.jpg", "text": "x"}'],
+    "twice.jsonl": ['{"file_name": "a.jpg", "text": "x"}', '{"file_name": "a.png", "text": "y"}'],
+    "empty.jsonl": [""],
+}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["p", "--out", "{tmp}/folder.png"], "--out {tmp}/folder.png is a folder: give an image file name"),
+    (["p", "--out", "{tmp}/file/x.png"], "--out {tmp}/file/x.png: {tmp}/file is a file, not a folder"),
+    (["--prompts", "{tmp}/good.jsonl", "--out", "{tmp}/file"], "--out {tmp}/file: {tmp}/file is a file, not a folder"),
+    (["p", "--out", "{tmp}/x.webp"], "--out {tmp}/x.webp: name a .png, .jpg or .jpeg file"),
+    (["p", "--out", "{tmp}/x.png", "--format", "jpg"], "name a .png, .jpg or .jpeg file for --format jpg"),
+    (["p", "--quality", "101"], "--quality must be in 1..100, got 101"),
+    (["p", "--device", "foo"], "--device foo: use cpu, cuda or cuda:N"),
+    pytest.param(["p", "--device", "cuda"], "--device cuda: no CUDA GPU is available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["p", "--width", "0"], "--width must be at least 1, got 0"),
+    (["p", "--height", "-64"], "--height must be at least 1, got -64"),
+    (["p", "--seed", "-1"], "--seed must be in 0..4294967295"),
+    (["p", "--seed", str(2**32)], "--seed must be in 0..4294967295"),
+    (["--prompts", "{tmp}/bad.jsonl"], '{tmp}/bad.jsonl:3: not a {"file_name": ..., "text": ...} object'),
+    (["--prompts", "{tmp}/notext.jsonl"], "{tmp}/notext.jsonl:1: not a {\"file_name\": ..., \"text\": ...} object "
+                                          "(KeyError: 'text')"),
+    (["--prompts", "{tmp}/escape.jsonl"], "{tmp}/escape.jsonl:1: file_name '../a.jpg' is not a path inside"),
+    (["--prompts", "{tmp}/twice.jsonl"], "{tmp}/twice.jsonl:2: file_name 'a.png' names the same image as line 1"),
+    (["--prompts", "{tmp}/empty.jsonl"], "--prompts {tmp}/empty.jsonl: no prompts in it"),
+    (["--prompts", "{tmp}/missing.jsonl"], "--prompts {tmp}/missing.jsonl: cannot read it"),
+    (["p", "--prompts", "{tmp}/good.jsonl"], "give one prompt or --prompts FILE"),
+    (["--prompts", "{tmp}/good.jsonl", "--num-images", "2"], "--num-images: --prompts makes one image per prompt"),
+])
+def test_sample_bad_arguments_fail_before_loading(args, message, tmp_path, capsys, monkeypatch):
+    """One line, exit 2, before any weights load (load_pipeline would fail the test), nothing written."""
+    for name, lines in _SAMPLE_PROMPT_FILES.items():
+        _sample_metadata(tmp_path / name, lines)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)  # the default --out is relative
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded the weights"))
+    before = _sample_tree(tmp_path)
+    code = sample.main([arg.replace("{tmp}", str(tmp_path)) for arg in args] + ["--model", "tiny"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in err[0]
+    assert _sample_tree(tmp_path) == before
+
+
+def test_sample_read_only_output_fails_before_loading(tmp_path, capsys, monkeypatch):
+    meta = _sample_metadata(tmp_path / "metadata.jsonl", _SAMPLE_PROMPT_FILES["good.jsonl"])
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):
+        pytest.skip("this user writes into read-only folders (root)")
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded the weights"))
+    for args in (["p", "--out", str(read_only / "x.png")], ["--prompts", str(meta), "--out", str(read_only / "gen")]):
+        assert sample.main([*args, *_SAMPLE_TINY]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"error: --out {args[-1]}: cannot write in {read_only} (read-only)"]
+    assert list(read_only.iterdir()) == []
+
+
+def test_sample_ambiguous_weight_files_are_refused(_sample_flux_dirs, tmp_path, capsys):
+    """Two files matching flux1-dev*.safetensors: refused, naming both; --transformer chooses one, and the image is
+    the one the unambiguous folder gives (the same file, the same computation: the same bytes)."""
+    official = _sample_flux_dirs["official"]
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for p in official.iterdir():
+        (weights / p.name).symlink_to(p)
+    (weights / "flux1-dev-wlf.safetensors").symlink_to(official / "flux1-dev.safetensors")
+    common = ["p", "--model", "flux-dev", "--width", "64", "--height", "64", "--steps", "2", "--vae", "f16",
+              "--device", "cpu"]
+    assert sample.main([*common, "--weights", str(weights), "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: flux-dev transformer: 2 files in {weights} match flux1-dev*.safetensors (flux1-dev-wlf.safetensors, "
+        "flux1-dev.safetensors); choose one with --transformer FILE"]
+    chosen = ["--weights", str(weights), "--transformer", str(weights / "flux1-dev-wlf.safetensors")]
+    assert sample.main([*common, *chosen, "--out", str(tmp_path / "chosen.png")]) == 0
+    assert sample.main([*common, "--weights", str(official), "--out", str(tmp_path / "plain.png")]) == 0
+    assert (tmp_path / "chosen.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    (weights / "t5xxl_fp8.safetensors").symlink_to(official / "t5xxl_fp16.safetensors")
+    capsys.readouterr()
+    assert sample.main([*common, *chosen, "--out", str(tmp_path / "y.png")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: T5-XXL text encoder: 2 files in {weights} match t5xxl*.safetensors (t5xxl_fp16.safetensors, "
+        "t5xxl_fp8.safetensors); leave only the one to use in the folder")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_sample_nan_weights_write_nothing(_sample_flux_dirs, tmp_path, capsys):
+    """A NaN weight makes NaN images, which would be saved as flat black ones with exit 0: refused instead."""
+    official = _sample_flux_dirs["official"]
+    state = load_file(str(official / "flux1-dev.safetensors"))
+    state["img_in.weight"] = torch.full_like(state["img_in.weight"], float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    meta = _sample_metadata(tmp_path / "metadata.jsonl", _SAMPLE_PROMPT_FILES["good.jsonl"])
+    common = ["--model", "flux-dev", "--weights", str(official), "--transformer", str(tmp_path / "nan.safetensors"),
+              "--width", "64", "--height", "64", "--steps", "2", "--vae", "f16", "--device", "cpu"]
+    for args in (["p", "--out", str(tmp_path / "x.png")], ["--prompts", str(meta), "--out", str(tmp_path / "gen")]):
+        assert sample.main([*args, *common]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "error: the images hold NaN or inf (non-finite weights, or an fp16 overflow: try --dtype bf16 or fp32); "
+            "none written")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "gen").exists()
 
 
 # ====================================================================================================
