@@ -27,6 +27,7 @@ Imports `UserError` and `write_json` from vae.py: the scripts' shared error type
 """
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from vae import UserError, write_json
+from vae import UserError, atomic_write, write_json
 
 # ====================================================================================================
 # GLCM score (Eq. 11): the definition
@@ -419,6 +420,7 @@ def glcm_patch_scores(levels: torch.Tensor, *, entropy: str = "distinct", chunk:
 
 
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what load_image raises for a bad file
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def load_image(path) -> np.ndarray:
@@ -472,6 +474,118 @@ def resize_shorter_side(image: Image.Image, size: int, resample=Image.Resampling
 
 
 # ====================================================================================================
+# The paper's evaluation protocol (Tables 1–2)
+#
+# The evaluation set's metadata.jsonl gives one caption per real image; sample.py --prompts draws one image
+# per caption (seed 0 for every prompt, JPEG q95, named after the real image). Before scoring, real and
+# generated images are resized and centre-cropped to size×size (the authors' --size 2048); then FID (generated
+# against real), CLIPScore (each generated image against its caption), Aesthetics, GLCM and compression ratio.
+
+
+def read_prompts(path) -> list[tuple[str, Path]]:
+    """(caption, image name) for each line of an Aesthetic-4K metadata.jsonl, {"file_name": ..., "text": ...}; the
+    name is file_name without its extension (a generated JPEG stands for a real PNG). A bad line is an error naming
+    the file and line, not a skip: a generated set short of a prompt would be scored as if it were the whole set."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--prompts {path}: cannot read it ({e})") from None
+    prompts, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file_name, text = Path(str(row["file_name"])), str(row["text"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f'{path}:{number}: not a {{"file_name": ..., "text": ...}} object '
+                            f"({type(e).__name__}: {e})") from None
+        if file_name.is_absolute() or ".." in file_name.parts or not file_name.name:
+            raise UserError(f"{path}:{number}: file_name {str(file_name)!r} is not a path inside the folder")
+        if (name := file_name.with_suffix("")) in seen:
+            raise UserError(f"{path}:{number}: file_name {str(file_name)!r} names the same image as line "
+                            f"{seen[name]}")
+        seen[name] = number
+        prompts.append((text, name))
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts in it")
+    return prompts
+
+
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The authors' preprocessing before scoring: the shorter side to `size` by torchvision 0.19's tensor resize
+    (float32 bilinear with antialiasing, rounded back to uint8; the longer side int(size · long / short)), then the
+    centre size×size square at torchvision's offsets (round half to even)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) != size:  # at scale 1 the resize is the identity
+        long = int(size * max(h, w) / min(h, w))
+        h, w = (size, long) if h <= w else (long, size)
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+        x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    top, left = round((h - size) / 2), round((w - size) / 2)
+    return rgb[top : top + size, left : left + size]
+
+
+@functools.lru_cache(maxsize=None)
+def _q95_tables() -> dict:
+    buffer = BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", quality=95)
+    return Image.open(buffer).quantization
+
+
+def saved_at_q95(path: Path) -> bool:
+    """A JPEG file with Pillow's quality-95 quantization tables. The authors' compression ratio divides by the sizes
+    of such files as saved; re-encoding the decoded pixels gives a slightly different size."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and im.quantization == _q95_tables()
+    except UNREADABLE:
+        return False
+
+
+def fid_reference(args, model) -> tuple[np.ndarray, np.ndarray, int, str, list]:
+    """(μ, Σ, images, where from, skipped) of the real set: read from --ref-stats if that file exists (μ and Σ as
+    pytorch-fid saves them, plus the settings they were made with), else computed from --ref (and saved there)."""
+    stats = Path(args.ref_stats) if args.ref_stats else None
+    settings = {"size": args.size or 0, "resize": args.fid_resize}
+    if stats is not None and stats.is_file():
+        try:
+            with np.load(stats) as z:
+                mu, sigma, n = z["mu"], z["sigma"], int(z["n"]) if "n" in z else 0
+                saved = {k: z[k].item() for k in settings if k in z}
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--ref-stats {stats}: not FID statistics (.npz with mu and sigma: {e})") from None
+        if saved and saved != settings:
+            raise UserError(f"--ref-stats {stats} holds statistics made with {saved}, this run uses {settings}; "
+                            "give another file name to compute them again")
+        return mu, sigma, n, str(stats), []
+    rgbs, skipped, features = [], [], []
+    for path in _progress(_list_files(Path(args.ref)), "real images", args.quiet):
+        rgb, why = _read(path)
+        if rgb is None:
+            skipped.append({"file": path.relative_to(args.ref).as_posix(), "reason": why})
+            continue
+        rgbs.append(resize_center_crop(rgb, args.size) if args.size else rgb)
+        if len(rgbs) == args.batch_size:
+            features.append(inception_features(rgbs, model, batch_size=len(rgbs), progress=False))
+            rgbs = []
+    if rgbs:
+        features.append(inception_features(rgbs, model, batch_size=len(rgbs), progress=False))
+    n = sum(len(f) for f in features)
+    if n < 2:
+        raise UserError(f"--ref {args.ref}: FID needs at least 2 readable real images, found {n}")
+    mu, sigma = feature_stats(np.concatenate(features))
+    if stats is not None:
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=mu, sigma=sigma, n=n, **settings)
+        atomic_write(stats, write)
+    return mu, sigma, n, str(args.ref), skipped
+
+
+# ====================================================================================================
 # CLI
 
 
@@ -497,8 +611,9 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, f"unreadable ({type(e).__name__}: {message[0] if message else 'no details'})"
 
 
-def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
-    """Metrics of one image -> (row or None, why it was skipped, why it has no reference metrics)."""
+def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args, file_bytes: int | None = None):
+    """Metrics of one image -> (row or None, why it was skipped, why it has no reference metrics). file_bytes: the
+    size of the file when it is a JPEG q95 scored as saved, which then is its JPEG size (the authors' rule)."""
     h, w = rgb.shape[:2]
     side = args.crop or GLCM_PATCH
     if h < side or w < side:
@@ -506,7 +621,8 @@ def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args):
         return None, f"{w}×{h} is smaller than {what}", None
     row = {"file": name, "width": w, "height": h}
     row["glcm"] = glcm_score(rgb, crop=args.crop, entropy=args.glcm_entropy, device=args.device)
-    row["jpeg_bytes"] = jpeg_size(rgb, quality=95)
+    row["jpeg_bytes"] = file_bytes or jpeg_size(rgb, quality=95)
+    row["jpeg_from"] = "file" if file_bytes else "encoded"
     row["compression_ratio"] = rgb.size / row["jpeg_bytes"]
     if ref_root is None:
         return row, None, None
@@ -536,6 +652,41 @@ def _check_writable(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write in {folder}")
 
 
+def _progress(items: list, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="image", file=sys.stderr, disable=quiet)
+
+
+def _load_scorers(args, device) -> dict:
+    """The networks of the flags given: {"fid": InceptionV3, "clip_score": CLIP, "aesthetic": predictor}."""
+    loaders = {"fid": (args.fid, lambda: load_inception(args.inception, device=device, resize=args.fid_resize)),
+               "clip_score": (args.clip_score, lambda: load_clip_model(args.clip_model, device=device)),
+               "aesthetic": (args.aesthetics, lambda: load_aesthetic(args.aesthetic_clip, args.aesthetic_head,
+                                                                     device=device))}
+    try:
+        return {key: load() for key, (wanted, load) in loaders.items() if wanted}
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def _score_batch(batch: list, scorers: dict) -> list:
+    """CLIPScore and Aesthetics into each (row, rgb, caption) of the batch; returns their FID features."""
+    rgbs = [rgb for _, rgb, _ in batch]
+    if "clip_score" in scorers:
+        with warnings.catch_warnings():  # a caption cut to 77 tokens: counted once, in the summary
+            warnings.simplefilter("ignore")
+            scores = clip_score(rgbs, [c for _, _, c in batch], scorers["clip_score"], batch_size=len(rgbs))
+        for (row, _, c), score in zip(batch, scores.tolist()):
+            row["clip_score"], row["caption_cut"] = score, bool(scorers["clip_score"].tokenize([c])[1][0])
+    if "aesthetic" in scorers:
+        for (row, _, _), score in zip(batch, aesthetic_score(rgbs, scorers["aesthetic"], batch_size=len(rgbs))):
+            row["aesthetic"] = float(score)
+    if "fid" not in scorers:
+        return []
+    return list(inception_features(rgbs, scorers["fid"], batch_size=len(rgbs), progress=False))
+
+
 def _evaluate(args) -> dict:
     root = Path(args.dir)
     if not root.exists():
@@ -553,10 +704,28 @@ def _evaluate(args) -> dict:
         raise UserError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    args.pair_metrics = dict(PAIR_METRICS)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.size is not None and args.size < GLCM_PATCH:
+        raise UserError(f"--size must be at least {GLCM_PATCH}, got {args.size}")
+    if args.fid and ref_root is None and not (args.ref_stats and Path(args.ref_stats).is_file()):
+        raise UserError("--fid compares with the real images: give --ref DIR (or --ref-stats FILE saved by a run "
+                        "with --ref)")
+    if args.ref_stats and not Path(args.ref_stats).is_file():
+        if not args.fid or ref_root is None:
+            raise UserError(f"--ref-stats {args.ref_stats}: no such file; with --fid and --ref it is written")
+        _check_writable(Path(args.ref_stats), "--ref-stats")
+    if args.clip_score and not args.prompts:
+        raise UserError("--clip-score scores each image against its caption: give --prompts metadata.jsonl")
+    captions = {}
+    for text, name in read_prompts(args.prompts) if args.prompts else []:
+        captions[name.as_posix()] = text
+        captions.setdefault(name.name, text)  # also by base name, as the authors' script names its images
+    # With --fid, --ref is the real set of the FID; image pairs (PSNR, ...) are for reconstructions, not samples.
+    args.pair_metrics = {} if args.fid else dict(PAIR_METRICS)
     if args.lpips:
-        if ref_root is None:
-            raise UserError("--lpips compares image pairs: give --ref DIR")
+        if ref_root is None or args.fid:
+            raise UserError("--lpips compares image pairs: give --ref DIR (and not --fid)")
         try:
             model = load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
         except (OSError, ValueError) as e:
@@ -566,20 +735,36 @@ def _evaluate(args) -> dict:
     if not files:
         raise UserError(f"{root}: no files in this folder")
     base = root.parent if root.is_file() else root
+    names = [path.relative_to(base).as_posix() for path in files]
+    caption = {n: captions.get(n.rsplit(".", 1)[0], captions.get(Path(n).stem)) for n in names}
+    if captions and (lost := [n for n in names if caption[n] is None and Path(n).suffix.lower() in IMAGE_SUFFIXES]):
+        raise UserError(f"--prompts {args.prompts}: no caption for {len(lost)} image(s) under {root} ({lost[0]}"
+                        f"{', ...' if len(lost) > 1 else ''}); the images must be named after the file_name lines")
+    scorers = _load_scorers(args, device)  # before the long work: a missing weight file fails here
 
-    from tqdm import tqdm
-
-    rows, skipped, unmatched = [], [], []
-    for path in tqdm(files, desc="metrics", unit="image", file=sys.stderr, disable=args.quiet):
-        name = path.relative_to(base).as_posix()
+    rows, skipped, unmatched, features, batch = [], [], [], [], []
+    for path, name in zip(_progress(files, "metrics", args.quiet), names):
         rgb, why = _read(path)
-        row, why, why_no_ref = _image_row(name, rgb, ref_root, args) if rgb is not None else (None, why, None)
+        if rgb is None:
+            skipped.append({"file": name, "reason": why})
+            continue
+        as_saved = not args.size or rgb.shape[:2] == (args.size, args.size)
+        rgb = resize_center_crop(rgb, args.size) if args.size else rgb
+        file_bytes = path.stat().st_size if as_saved and saved_at_q95(path) else None
+        row, why, why_no_ref = _image_row(name, rgb, None if args.fid else ref_root, args, file_bytes)
         if row is None:
             skipped.append({"file": name, "reason": why})
             continue
         rows.append(row)
         if why_no_ref:
             unmatched.append({"file": name, "reason": why_no_ref})
+        if scorers:  # the networks run on batches of images
+            batch.append((row, rgb, caption[name]))
+            if len(batch) == args.batch_size:
+                features += _score_batch(batch, scorers)
+                batch = []
+    if batch:
+        features += _score_batch(batch, scorers)
     if not rows:
         raise UserError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
                         f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
@@ -591,8 +776,22 @@ def _evaluate(args) -> dict:
         / sum(r["jpeg_bytes"] for r in rows),  # the paper's
         "compression_ratio_mean": float(np.mean([r["compression_ratio"] for r in rows])),
     }
+    froms = {r["jpeg_from"] for r in rows}
+    summary["jpeg_sizes"] = "files" if froms == {"file"} else "re-encoded" if froms == {"encoded"} else "mixed"
+    for key in ("clip_score", "aesthetic"):
+        if key in scorers:
+            summary[f"{key}_mean"] = float(np.mean([r[key] for r in rows]))
+    if "clip_score" in scorers:
+        summary["captions_cut"] = sum(r["caption_cut"] for r in rows)
+    if "fid" in scorers:
+        if len(features) < 2:
+            raise UserError(f"{root}: FID needs at least 2 readable generated images, found {len(features)}")
+        mu, sigma, n, source, ref_skipped = fid_reference(args, scorers["fid"])
+        summary["fid"] = frechet_distance(*feature_stats(np.stack(features)), mu, sigma)
+        summary["fid_images"] = {"generated": len(features), "real": n, "real_from": source}
+        skipped += [{"file": f"--ref {s['file']}", "reason": s["reason"]} for s in ref_skipped]
     pairs = [r for r in rows if all(k in r for k in args.pair_metrics)]
-    if pairs:  # set-level metrics (FID, CLIPScore) would go here too
+    if pairs and args.pair_metrics:
         summary["pairs"] = len(pairs)
         summary.update({f"{k}_mean": float(np.mean([r[k] for r in pairs])) for k in args.pair_metrics})
         # An identical pair's PSNR is ∞, which would make the mean ∞ whatever the other pairs: PSNR is averaged
@@ -601,7 +800,8 @@ def _evaluate(args) -> dict:
         summary["psnr_mean"] = float(np.mean(differ)) if differ else None
         summary["identical_pairs"] = len(pairs) - len(differ)
     settings = {"dir": str(root), "ref": args.ref, "crop": args.crop, "glcm_entropy": args.glcm_entropy,
-                "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else []}
+                "jpeg_quality": 95, "pair_metrics": list(args.pair_metrics) if ref_root else [], "size": args.size,
+                "prompts": args.prompts, "fid_resize": args.fid_resize if args.fid else None}
     return {"settings": settings, "summary": summary, "images": rows, "skipped": skipped, "unmatched": unmatched}
 
 
@@ -618,10 +818,29 @@ def _print_report(result: dict) -> None:
         line = f"{r['file']:<{width}}  {size:>11}  {r['glcm']:7.4f}  {r['compression_ratio']:7.3f}"
         print(line + "".join(f"  {r[k]:9.4f}" if k in r else f"  {'-':>9}" for k in pair_keys))
     area = f"top-left {settings['crop']}² crop" if settings["crop"] else "whole image"
-    print(f"\n{s['images']} image(s) scored")
+    resized = f", each resized and centre-cropped to {settings['size']}²" if settings["size"] else ""
+    print(f"\n{s['images']} image(s) scored{resized}")
+    if any(k in s for k in ("fid", "clip_score_mean", "aesthetic_mean")):  # a row of the paper's Tables 1-2
+        cells = [("FID", s.get("fid"), 9, 3), ("CLIPScore", s.get("clip_score_mean"), 10, 3),
+                 ("Aesthetics", s.get("aesthetic_mean"), 11, 3), ("GLCM", s["glcm_mean"], 8, 4),
+                 ("CR", s["compression_ratio_of_totals"], 8, 3)]
+        print("".join(f"{name:>{w}}" for name, value, w, _ in cells if value is not None))
+        print("".join(f"{value:>{w}.{d}f}" for _, value, w, d in cells if value is not None) + "\n")
+    if "fid" in s:
+        f = s["fid_images"]
+        print(f"FID                {s['fid']:.4f}  ({f['generated']} generated against {f['real'] or 'the'} real "
+              f"images from {f['real_from']}; InceptionV3 input resized by {settings['fid_resize']})")
+    if "clip_score_mean" in s:
+        cut = f"; {s['captions_cut']} caption(s) over 77 tokens were cut" if s["captions_cut"] else ""
+        print(f"CLIPScore          {s['clip_score_mean']:.4f}  (mean; ViT-B/16{cut})")
+    if "aesthetic_mean" in s:
+        print(f"Aesthetics         {s['aesthetic_mean']:.4f}  (mean; LAION predictor on ViT-L/14)")
     print(f"GLCM score         {s['glcm_mean']:.4f}  (mean; {settings['glcm_entropy']} entropy, {area})")
-    print(f"compression ratio  {s['compression_ratio_of_totals']:.3f}  (ratio of totals, the paper's); "
-          f"mean of per-image ratios {s['compression_ratio_mean']:.3f}")
+    rule = {"files": "the JPEG q95 files' own sizes, as the authors measure",
+            "re-encoded": "each image re-encoded as JPEG q95", "mixed": "file sizes of the JPEG q95 files, the "
+            "others re-encoded as JPEG q95"}[s["jpeg_sizes"]]
+    print(f"compression ratio  {s['compression_ratio_of_totals']:.3f}  (ratio of totals, the paper's; JPEG sizes: "
+          f"{rule}); mean of per-image ratios {s['compression_ratio_mean']:.3f}")
     for k in pair_keys:
         if k != "psnr" or not s["identical_pairs"]:
             print(f"{k.upper():<18} {s[k + '_mean']:.4f}  (mean over {s['pairs']} pair(s))")
@@ -656,6 +875,29 @@ def main(argv=None) -> int:
                         f"{LPIPS_VGG_FILE} and the LPIPS {LPIPS_HEADS_FILE} (default: the torch hub cache)")
     parser.add_argument("--lpips-vgg", help=f"torchvision's {LPIPS_VGG_FILE} (ImageNet VGG16 state dict)")
     parser.add_argument("--lpips-heads", help=f"LPIPS v0.1 {LPIPS_HEADS_FILE} (lpips/weights/v0.1/ in the lpips wheel)")
+    protocol = parser.add_argument_group("the paper's Tables 1-2", "FID, CLIPScore and Aesthetics as the authors "
+                                         "computed them; with --fid, --ref is the set of real images")
+    protocol.add_argument("--fid", action="store_true", help="FID of the images against --ref (or --ref-stats)")
+    protocol.add_argument("--clip-score", action="store_true", help="CLIPScore of each image with its caption "
+                          "(--prompts)")
+    protocol.add_argument("--aesthetics", action="store_true", help="the LAION aesthetic predictor's score")
+    protocol.add_argument("--prompts", help="the evaluation set's metadata.jsonl: each image's caption, matched by "
+                          "file name without the extension")
+    protocol.add_argument("--size", type=int, help="resize the shorter side to N and centre-crop N×N, every image, "
+                          "before scoring (the authors: 2048)")
+    protocol.add_argument("--ref-stats", help=".npz of the real set's FID statistics (mu, sigma): read if it "
+                          "exists, else computed from --ref and written")
+    protocol.add_argument("--fid-resize", choices=("tf1", "antialias"), default="tf1", help="InceptionV3's resize "
+                          "to 299²: tf1, TensorFlow 1's bilinear without antialiasing (the paper's, torchmetrics "
+                          "< 1.8), or antialias (clean-fid's, torchmetrics >= 1.8's default)")
+    protocol.add_argument("--inception", help=f"FID's InceptionV3 weights ({INCEPTION_FILES[0]}; default: the "
+                          "torch hub cache)")
+    protocol.add_argument("--clip-model", help=f"CLIPModel folder for CLIPScore (default: {CLIPSCORE_MODEL} in the "
+                          "Hugging Face cache)")
+    protocol.add_argument("--aesthetic-clip", help=f"CLIPModel folder for Aesthetics (default: {AESTHETIC_CLIP} "
+                          "in the Hugging Face cache)")
+    protocol.add_argument("--aesthetic-head", help=f"{AESTHETIC_HEAD_FILE} (default: the torch hub cache)")
+    protocol.add_argument("--batch-size", type=int, default=16, help="images per network call (default 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
