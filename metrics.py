@@ -31,14 +31,18 @@ import json
 import math
 import os
 import sys
+import warnings
+from dataclasses import dataclass, fields
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
 from torch import nn
 
+from text_encoders import CLIPEncoderLayer, CLIPText, CLIPTokenizer, load_clip
 from vae import UserError, atomic_write, write_json
 
 # ====================================================================================================
@@ -413,6 +417,280 @@ def glcm_patch_scores(levels: torch.Tensor, *, entropy: str = "distinct", chunk:
     for idx in order.split(chunk):
         out[idx] = _glcm_entropies(patches[idx], present[idx], entropy)
     return out.view(ph, pw)
+
+
+# ====================================================================================================
+# CLIPScore and the LAION aesthetic predictor
+#
+#   CLIPScore(I, C) = 100 · max(cos(E_I, E_C), 0)     (Hessel et al. 2021, w = 100, as torchmetrics has it)
+#   Aesthetics(I)   = MLP(E_I / ‖E_I‖),  MLP: 768 → 1024 → 128 → 64 → 16 → 1, all linear
+#
+# E_I, E_C are CLIP's projected image and caption embeddings: openai/clip-vit-base-patch16 for CLIPScore,
+# openai/clip-vit-large-patch14 for the LAION improved aesthetic predictor (trained on those embeddings).
+# The paper reports each as the mean over its images. What the authors' evaluation ran, reproduced here:
+# - CLIPScore: torchmetrics 1.5.1 over transformers 4.45's CLIPProcessor, one image per call. Pixels: the
+#   shorter side to 224 by Pillow's bicubic (the longer one int(224 · long / short)), the centre 224² from
+#   offset ⌊(side − 224) / 2⌋, x / 255 standardised with CLIP's mean and std. A caption over 77 tokens (BOS
+#   and EOS included) keeps its first 77, which drops EOS; openai's configs (eos_token_id 2) pool the text at
+#   the highest token id, so such a caption is read at one of its words. That is the default; keep_eos=True
+#   ends a cut caption with EOS instead, as OpenAI's clip.tokenize(truncate=True) does.
+# - Aesthetics: the OpenAI clip package's preprocessing: torchvision's Resize(224, bicubic) on the PIL image
+#   (the same sizes and filter) and CenterCrop(224), whose offset round((side − 224) / 2) rounds half to even:
+#   one pixel past ⌊·⌋ when side − 224 ≡ 3 (mod 4). Their CLIP ran in fp16 on a GPU, ours in fp32.
+
+CLIPSCORE_MODEL = "openai/clip-vit-base-patch16"  # Hugging Face repo ids
+AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_SOURCE = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPVisionConfig:  # transformers' defaults, which its config.json files leave out
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+
+def clip_pixels(image, size: int = 224, *, round_crop: bool = False) -> torch.Tensor:
+    """A path, PIL image or (H, W, 3) uint8 array -> (1, 3, size, size) float32, CLIP's preprocessing (above).
+    round_crop: torchvision's centre offset (the aesthetic predictor's), else transformers' (CLIPScore's)."""
+    im = Image.fromarray(to_rgb_array(image))
+    w, h = im.size
+    long = int(size * max(w, h) / min(w, h))  # truncated, in floating point, as both libraries compute it
+    im = im.resize((size, long) if w <= h else (long, size), Image.Resampling.BICUBIC)
+    left, top = (round((s - size) / 2) if round_crop else (s - size) // 2 for s in im.size)
+    x = torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1).float() / 255
+    return ((x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1))[None]
+
+
+class CLIPVision(nn.Module):
+    """CLIP's image tower and `visual_projection` (no bias), keys as in CLIPModel files: a ViT on patch_size²
+    patches plus a class token, a LayerNorm before the encoder ("pre_layrnorm", sic) and one on the class token
+    after it. The encoder layers are the text tower's (text_encoders.CLIPEncoderLayer) without the causal mask."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = c = config
+        embeddings = nn.Module()
+        embeddings.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        embeddings.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, c.patch_size, bias=False)
+        embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+        layers = nn.ModuleList(CLIPEncoderLayer(c, causal=False) for _ in range(c.num_hidden_layers))
+        self.vision_model = nn.ModuleDict(dict(
+            embeddings=embeddings, pre_layrnorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
+            encoder=nn.ModuleDict(dict(layers=layers)),
+            post_layernorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)))
+        self.visual_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, image_size, image_size) from clip_pixels -> (B, projection_dim) image embeddings E_I."""
+        vm, e = self.vision_model, self.vision_model.embeddings
+        x = e.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, patches, D), patches row by row
+        x = torch.cat([e.class_embedding.expand(len(x), 1, -1), x], 1) + e.position_embedding.weight
+        x = vm.pre_layrnorm(x)
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return self.visual_projection(vm.post_layernorm(x[:, 0]))
+
+
+class CLIP(nn.Module):
+    """A CLIPModel: `vision` (CLIPVision), `text` (text_encoders.CLIPText with its text_projection) and
+    `tokenizer` (text_encoders.CLIPTokenizer, one token longer than the text tower reads: see `tokenize`)."""
+
+    def __init__(self, vision: CLIPVision, text: CLIPText, tokenizer: CLIPTokenizer):
+        super().__init__()
+        self.vision, self.text, self.tokenizer = vision, text, tokenizer
+
+    def tokenize(self, texts: list[str], keep_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, context) token ids, cut as in the section header, and (N,) bool: which captions were cut."""
+        context = self.text.config.max_position_embeddings
+        with warnings.catch_warnings():  # its own note would count to context + 1; clip_score reports the cuts
+            warnings.simplefilter("ignore")
+            ids = self.tokenizer(texts)  # BOS, text, EOS, EOS padding, in context + 1 columns
+        eos = self.tokenizer.eos_id
+        cut = ids[:, context - 1] != eos  # a text token in the last column: BOS + text + EOS is longer
+        ids = ids[:, :context].clone()
+        if keep_eos:
+            ids[cut, -1] = eos
+        return ids, cut
+
+
+class AestheticPredictor(nn.Module):
+    """The LAION improved aesthetic predictor: `layers` (keys layers.{0,2,4,6,7}.* as in its .pth file) on the
+    unit-normalised image embedding of `vision` (CLIP ViT-L/14)."""
+
+    def __init__(self, vision: CLIPVision):
+        super().__init__()
+        self.vision = vision
+        widths = (vision.config.projection_dim, 1024, 128, 64, 16, 1)
+        layers = []
+        for i in range(5):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < 3:
+                layers.append(nn.Identity())  # a Dropout in training
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) from clip_pixels(round_crop=True) -> (B,) scores."""
+        e = self.vision(pixels)
+        norm = e.norm(dim=-1, keepdim=True)
+        return self.layers(e / torch.where(norm == 0, 1, norm))[:, 0]  # a zero vector stays zero, as theirs does
+
+
+def _hub_snapshots(repo_id: str) -> list[Path]:
+    """The folders of repo_id in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub), the revision refs/main names first; the snapshots folder if there are none."""
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    hub = os.environ.get("HF_HUB_CACHE") or Path(home) / "hub"
+    repo = Path(hub) / ("models--" + repo_id.replace("/", "--"))
+    main = (repo / "refs" / "main").read_text().strip() if (repo / "refs" / "main").is_file() else None
+    return sorted((repo / "snapshots").glob("*"), key=lambda p: p.name != main) or [repo / "snapshots"]
+
+
+def _clip_folder(path, repo_id: str, user: str) -> Path:
+    """The CLIPModel folder: `path`, else repo_id's in the Hugging Face cache; FileNotFoundError naming the file
+    missing, where it looked and where to get it."""
+    places = [Path(path)] if path is not None else _hub_snapshots(repo_id)
+    for folder in places:
+        missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+        if not missing:
+            return folder
+    raise FileNotFoundError(f"{user} needs {' and '.join(missing)} of a CLIPModel folder ({repo_id}); looked in "
+                            f"{', '.join(map(str, places))}; get config.json, model.safetensors and the tokenizer "
+                            f"files from https://huggingface.co/{repo_id}")
+
+
+def _fit(state: dict, model: nn.Module, where: str, prefix: str = "") -> dict:
+    """state's tensors for each key of model (stored under prefix + key), as float32; ValueError if they do not
+    fit it exactly."""
+    expected = {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {list(state[k].shape)} (expected {list(s)})" for k, s in expected.items()
+             if k in state and tuple(state[k].shape) != s]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    return {k.removeprefix(prefix): state[k].float() for k in expected}
+
+
+def _load_clip_vision(folder: Path, device) -> CLIPVision:
+    """The image tower and visual_projection of a CLIPModel folder's model.safetensors, in float32."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / 'config.json'}: unreadable ({e})") from None
+    # old files also hold vision_config_dict, which transformers lets override vision_config
+    given = {**(cfg.get("vision_config") or {}), **(cfg.get("vision_config_dict") or {})}
+    names = {f.name for f in fields(CLIPVisionConfig)} - {"projection_dim"}
+    file = folder / "model.safetensors"
+    with safe_open(file, "pt") as f:
+        keys = [k for k in f.keys() if k.startswith(("vision_model.", "visual_projection."))
+                and not k.endswith("position_ids")]  # a buffer of arange, in older files
+        if "visual_projection.weight" not in keys:
+            raise ValueError(f"{file}: no CLIP image tower with its projection (visual_projection.weight)")
+        state = {k: f.get_tensor(k) for k in keys}
+    config = CLIPVisionConfig(**{k: v for k, v in given.items() if k in names},
+                              projection_dim=state["visual_projection.weight"].shape[0])
+    with torch.device("meta"):
+        model = CLIPVision(config)
+    model.load_state_dict(_fit(state, model, str(file)), assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_clip_model(path=None, *, device="cpu") -> CLIP:
+    """CLIP from a transformers CLIPModel folder: config.json, model.safetensors and the tokenizer files
+    (tokenizer.json, or vocab.json + merges.txt). None: openai/clip-vit-base-patch16 (the paper's CLIPScore
+    model) in the Hugging Face cache. Float32. FileNotFoundError / ValueError with a one-line message."""
+    folder = _clip_folder(path, CLIPSCORE_MODEL, "CLIPScore")
+    vision = _load_clip_vision(folder, device)
+    text = load_clip(folder, device=device, dtype=torch.float32)
+    if text.config.projection_dim != vision.config.projection_dim:
+        raise ValueError(f"{folder}: text projection to {text.config.projection_dim} features, image projection "
+                         f"to {vision.config.projection_dim}: not one CLIPModel")
+    tokenizer = CLIPTokenizer(folder, pad_token="<|endoftext|>", max_length=text.config.max_position_embeddings + 1)
+    return CLIP(vision, text, tokenizer).eval()
+
+
+def load_aesthetic(clip_path=None, head_path=None, *, device="cpu") -> AestheticPredictor:
+    """The LAION improved aesthetic predictor: the image tower of a CLIPModel folder (None: openai/clip-vit-large-
+    patch14 in the Hugging Face cache) and the MLP's state dict sac+logos+ava1-l14-linearMSE.pth (None: looked for
+    in $TORCH_HOME/hub/checkpoints/). FileNotFoundError / ValueError with a one-line message."""
+    folder = _clip_folder(clip_path, AESTHETIC_CLIP, "the aesthetic predictor")
+    candidates = _lpips_candidates(AESTHETIC_HEAD_FILE, head_path)  # the given path, else the torch hub cache
+    head = next((p for p in candidates if p.is_file()), None)
+    if head is None:
+        raise FileNotFoundError(f"the aesthetic predictor needs {AESTHETIC_HEAD_FILE}; looked for "
+                                f"{', '.join(map(str, candidates))}; get it from {AESTHETIC_HEAD_SOURCE}")
+    try:
+        state = torch.load(head, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{head}: not a torch state dict ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{head}: not a torch state dict")
+    model = AestheticPredictor(_load_clip_vision(folder, "cpu"))
+    model.layers.load_state_dict(_fit(state, model.layers, str(head), "layers."))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _clip_batches(images: list, size: int, round_crop: bool, batch_size: int, progress: bool, desc: str):
+    """(start, pixels) for each run of batch_size images, preprocessed by clip_pixels."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(images), desc=desc, unit="image", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            yield start, torch.cat([clip_pixels(im, size, round_crop=round_crop) for im in batch])
+            bar.update(len(batch))
+
+
+@torch.no_grad()
+def clip_score(images, texts, model: CLIP, *, keep_eos: bool = False, batch_size: int = 32,
+               progress: bool = False) -> torch.Tensor:
+    """Per-image CLIPScore (N,) float32 on the CPU (the paper reports the mean). images: paths, PIL images or
+    (H, W, 3) uint8 arrays; texts: one caption each. Captions longer than the text tower's context are cut (see
+    the section header), with one warning saying how many."""
+    images, texts = list(images), [texts] if isinstance(texts, str) else list(texts)
+    if len(images) != len(texts):
+        raise ValueError(f"clip_score needs one caption per image, got {len(images)} images and {len(texts)} captions")
+    ids, cut = model.tokenize(texts, keep_eos)
+    if cut.any():
+        n, context = int(cut.sum()), ids.shape[1]
+        how = ("ending in EOS" if keep_eos else "EOS lost, so each is read at BOS (the highest id left): one text "
+               "embedding for all of them, as in the paper's torchmetrics evaluation; keep_eos=True keeps EOS")
+        warnings.warn(f"clip_score: {n} of {len(texts)} captions are longer than {context} tokens and were cut to "
+                      f"{context}, {how}", stacklevel=3)  # 3: past torch.no_grad's wrapper, to the caller
+    device = next(model.parameters()).device
+    out = torch.empty(len(images))
+    size = model.vision.config.image_size
+    for start, pixels in _clip_batches(images, size, False, batch_size, progress, "clipscore"):
+        e_i = model.vision(pixels.to(device))
+        e_t = model.text(ids[start : start + len(e_i)].to(device))["text_embeds"]
+        cos = (e_i / e_i.norm(dim=-1, keepdim=True) * e_t / e_t.norm(dim=-1, keepdim=True)).sum(-1)
+        out[start : start + len(e_i)] = (100 * cos).clamp(min=0).cpu()
+    return out
+
+
+@torch.no_grad()
+def aesthetic_score(images, model: AestheticPredictor, *, batch_size: int = 32, progress: bool = False
+                    ) -> torch.Tensor:
+    """Per-image LAION aesthetic score (N,) float32 on the CPU. images: paths, PIL images or (H, W, 3) uint8 arrays."""
+    images = list(images)
+    device = next(model.parameters()).device
+    out = torch.empty(len(images))
+    size = model.vision.config.image_size
+    for start, pixels in _clip_batches(images, size, True, batch_size, progress, "aesthetics"):
+        out[start : start + len(pixels)] = model(pixels.to(device)).cpu()
+    return out
 
 
 # ====================================================================================================

@@ -2057,6 +2057,185 @@ def test_text_encoders_conditioners_match_diffusers(tmp_path):
 
 
 # ====================================================================================================
+# CLIPScore and Aesthetics
+# ====================================================================================================
+
+# (H, W): resized longer side minus 224 ≡ 1, 0, 2, 0 (mod 4) for the first four, 3 for the last four (those
+# are cut one pixel apart by transformers' ⌊·⌋ and torchvision's round-half-even); 97 × 500 and 61 × 64 are
+# enlarged; 224 × 224 is not resized at all.
+_CLIP_SIZES = [(300, 257), (224, 224), (97, 500), (1000, 333), (224, 227), (235, 224), (403, 260), (61, 64)]
+_CLIP_CAPTIONS = ["a photo of a cat", "a dog", "city lights at night", "", "astronaut riding a horse",
+                  "a red square on grass", "café naïve — 東京", "mountains under snow"]
+
+
+def _clip_images(seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in _CLIP_SIZES]
+
+
+@pytest.fixture(scope="module")
+def _clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel saved by transformers (model.safetensors, tokenizer.json), laid out as openai's:
+    quick_gelu, eos_token_id 2 (text pooled at the highest token id), 77 positions, 224² images in 32² patches;
+    projection 768, so the aesthetic predictor's head fits it as it is."""
+    import transformers
+
+    tmp = tmp_path_factory.mktemp("clip")
+    vocab = _text_encoders_clip_vocab(tmp)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(json.loads((vocab / "vocab.json").read_text())), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=2)
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=32)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
+    transformers.CLIPModel(config).save_pretrained(tmp / "model")
+    _text_encoders_hf_clip_tokenizer(vocab).save_pretrained(tmp / "model")
+    return tmp / "model"
+
+
+def _clip_peer(folder):
+    import transformers
+
+    return transformers.CLIPModel.from_pretrained(str(folder)).eval(), transformers.CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _clip_reference_pixels(image, round_crop=False) -> torch.Tensor:
+    """transformers' CLIPImageProcessor, Pillow path (the one transformers 4.45 ran for the paper); round_crop: its
+    resize, then torchvision CenterCrop's offset int(round((side − 224) / 2.0)) (the OpenAI clip package's)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    x = CLIPImageProcessorPil()(images=image, do_center_crop=not round_crop, return_tensors="pt").pixel_values
+    top, left = (int(round((side - 224) / 2.0)) for side in x.shape[-2:])
+    return x[..., top : top + 224, left : left + 224]
+
+
+@torch.no_grad()
+def _clip_reference_scores(hf, images, input_ids) -> torch.Tensor:
+    """torchmetrics 1.5.1's _clip_score_update on transformers' CLIPModel, per pair, clamped at 0 as its
+    clip_score does for one image."""
+    e_i = hf.get_image_features(pixel_values=torch.cat([_clip_reference_pixels(im) for im in images])).pooler_output
+    e_t = hf.get_text_features(input_ids=input_ids).pooler_output
+    e_i, e_t = e_i / e_i.norm(p=2, dim=-1, keepdim=True), e_t / e_t.norm(p=2, dim=-1, keepdim=True)
+    return (100 * (e_i * e_t).sum(-1)).clamp(min=0)
+
+
+def test_clip_preprocessing_matches_transformers(tmp_path):
+    images = _clip_images()
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    inputs = images + [Image.fromarray(images[3]), tmp_path / "a.png", Image.fromarray(images[2]).convert("RGBA")]
+    peers = images + [images[3], images[0], images[2]]
+    for image, peer in zip(inputs, peers):
+        for round_crop in (False, True):
+            got = metrics.clip_pixels(image, round_crop=round_crop)
+            # the same Pillow resize and the same float32 arithmetic (x / 255 equals numpy's x · (1/255) in float64
+            # rounded to float32 for all 256 values): bitwise
+            assert got.shape == (1, 3, 224, 224) and torch.equal(got, _clip_reference_pixels(peer, round_crop))
+    differs = [not metrics.clip_pixels(im, round_crop=True).equal(metrics.clip_pixels(im)) for im in images]
+    assert differs == [False] * 4 + [True] * 4  # the two rules apart where the margin is 3 (mod 4)
+
+
+def test_clip_towers_and_score_match_transformers(_clip_folder, tmp_path):
+    """Image tower, both projections and clip_score against transformers' CLIPModel and torchmetrics' formula;
+    images of every size, as arrays, a PIL image and a file; batches of 3 (not a divisor of 8)."""
+    model, (hf, hf_tok) = metrics.load_clip_model(_clip_folder), _clip_peer(_clip_folder)
+    images = _clip_images()
+    pixels = torch.cat([metrics.clip_pixels(im) for im in images])
+    encoded = hf_tok(_CLIP_CAPTIONS, padding=True, return_tensors="pt").input_ids
+    ids, cut = model.tokenize(_CLIP_CAPTIONS)
+    assert not cut.any() and torch.equal(ids[:, : encoded.shape[1]], encoded)  # token ids: exact
+    assert (ids[:, encoded.shape[1] :] == model.tokenizer.eos_id).all()  # EOS padding, as openai's tokenizers pad
+    with torch.no_grad():
+        # float32 towers computed in a different order (SDPA vs. eager softmax attention): 1e-5 is ~100× the
+        # float32 rounding of these few layers, and far below any error in a weight or a layer
+        assert rel(model.vision(pixels), hf.get_image_features(pixel_values=pixels).pooler_output) <= 1e-5
+        assert rel(model.text(ids)["text_embeds"], hf.get_text_features(input_ids=encoded).pooler_output) <= 1e-5
+    Image.fromarray(images[5]).save(tmp_path / "f.png")
+    inputs = images[:4] + [Image.fromarray(images[4]), tmp_path / "f.png"] + images[6:]
+    got = metrics.clip_score(inputs, _CLIP_CAPTIONS, model, batch_size=3)
+    want = _clip_reference_scores(hf, images, encoded)
+    assert got.shape == (8,) and (want == 0).any() and (want > 0).any()  # both sides of the clamp at 0
+    assert rel(got, want) <= 1e-5  # as above
+    with pytest.raises(ValueError, match="one caption per image"):
+        metrics.clip_score(images, _CLIP_CAPTIONS[:3], model)
+
+
+def test_clip_score_truncates_captions_as_torchmetrics(_clip_folder):
+    """Over 77 tokens with BOS and EOS: torchmetrics keeps the first 77 (EOS gone, so the text is read at BOS, the
+    highest id left); keep_eos=True ends them with EOS as transformers' truncation=True does. One warning each."""
+    model, (hf, hf_tok) = metrics.load_clip_model(_clip_folder), _clip_peer(_clip_folder)
+    captions = [" ".join(["a"] * 75), " ".join(["a"] * 76), _TEXT_ENCODERS_PROMPTS[4], "a photo of a cat"]
+    assert [len(ids) for ids in hf_tok(captions).input_ids][:3] == [77, 78, 122]  # fits, one over, far over
+    images = _clip_images()[:4]
+    full = hf_tok(captions, padding=True, return_tensors="pt").input_ids[:, :77]  # what torchmetrics 1.5.1 does
+    kept = hf_tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    for keep_eos, peer_ids, how in ((False, full, "read at BOS"), (True, kept, "ending in EOS")):
+        ids, cut = model.tokenize(captions, keep_eos=keep_eos)
+        assert cut.tolist() == [False, True, True, False] and torch.equal(ids, peer_ids)  # token ids: exact
+        with pytest.warns(UserWarning, match=f"2 of 4 captions are longer than 77 tokens .*{how}"):
+            got = metrics.clip_score(images, captions, model, keep_eos=keep_eos)
+        assert rel(got, _clip_reference_scores(hf, images, peer_ids)) <= 1e-5  # float32, as in the test above
+    with torch.no_grad():
+        pooled = model.text(full[1:3])["text_embeds"]
+    assert torch.equal(pooled[0], pooled[1])  # cut without EOS, both captions are the BOS state alone
+
+
+def test_clip_aesthetic_score_matches_its_definition(_clip_folder, tmp_path):
+    """The MLP as the improved-aesthetic-predictor repository defines it (Linear, Dropout, ... keys layers.N),
+    on transformers' unit-normalised image embeddings of the OpenAI clip package's crop."""
+    from torch import nn
+
+    torch.manual_seed(1)
+    head = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1)).eval()
+    file = tmp_path / metrics.AESTHETIC_HEAD_FILE
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, file)
+    model = metrics.load_aesthetic(_clip_folder, file)
+    hf, _ = _clip_peer(_clip_folder)
+    images = _clip_images(seed=2)
+    with torch.no_grad():
+        e = hf.get_image_features(pixel_values=torch.cat([_clip_reference_pixels(im, True) for im in images]))
+        want = head(e.pooler_output / e.pooler_output.norm(dim=-1, keepdim=True))[:, 0]
+    got = metrics.aesthetic_score(images, model, batch_size=5)
+    assert got.shape == (8,) and rel(got, want) <= 1e-5  # float32, two implementations (as for CLIPScore)
+
+
+def test_clip_missing_or_wrong_files(_clip_folder, tmp_path, monkeypatch):
+    import re
+
+    with pytest.raises(FileNotFoundError, match=r"config.json and model.safetensors .*nowhere.*huggingface.co/openai/"
+                                                r"clip-vit-base-patch16"):
+        metrics.load_clip_model(tmp_path / "nowhere")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(_clip_folder / "config.json", tmp_path / "bin")
+    with pytest.raises(FileNotFoundError, match="needs model.safetensors"):
+        metrics.load_clip_model(tmp_path / "bin")  # e.g. a folder with pytorch_model.bin only
+    # None: the Hugging Face cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--openai--clip-vit-large-patch14"
+    with pytest.raises(FileNotFoundError, match=f"looked in {repo / 'snapshots'}; .*clip-vit-large-patch14"):
+        metrics.load_aesthetic(None, tmp_path / "head.pth")
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "snapshots" / "old").mkdir()
+    (repo / "snapshots" / "new").symlink_to(_clip_folder)  # the cache links its snapshot files the same way
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("new")
+    with pytest.raises(FileNotFoundError, match=f"needs {re.escape(metrics.AESTHETIC_HEAD_FILE)}; looked for "
+                                                f"{re.escape(str(tmp_path / 'head.pth'))}; .*improved-aesthetic"):
+        metrics.load_aesthetic(None, tmp_path / "head.pth")  # the CLIP folder was found: the head is missing
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "torch" / "hub" / "checkpoints"))):
+        metrics.load_aesthetic()
+    torch.save({"layers.0.weight": torch.zeros(1024, 512)}, tmp_path / "head.pth")
+    with pytest.raises(ValueError, match=r"head.pth: weights do not fit Sequential: missing \(9\).*wrong shape \(1\): "
+                                         r"layers.0.weight \[1024, 512\] \(expected \[1024, 768\]\)"):
+        metrics.load_aesthetic(None, tmp_path / "head.pth")
+    # a text tower alone (CLIPTextModelWithProjection's keys) is no image tower
+    save_file({k: v for k, v in load_file(_clip_folder / "model.safetensors").items() if k.startswith("text_")},
+              tmp_path / "bin" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no CLIP image tower with its projection \(visual_projection.weight\)"):
+        metrics.load_clip_model(tmp_path / "bin")
+
+
+# ====================================================================================================
 # sample
 # ====================================================================================================
 

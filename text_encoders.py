@@ -72,9 +72,9 @@ CLIP_CONFIGS = {
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
+    def __init__(self, c: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.heads = c.num_attention_heads
+        self.heads, self.causal = c.num_attention_heads, causal
         self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
@@ -83,7 +83,7 @@ class CLIPAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, L, D = x.shape
         q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, D/H); the text tower is causal
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, D/H); CLIP's image tower is not
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
 
 
@@ -105,10 +105,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
+    def __init__(self, c: CLIPTextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = CLIPAttention(c)
+        self.self_attn = CLIPAttention(c, causal)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = CLIPMLP(c)
 
