@@ -331,6 +331,336 @@ def lpips(image, reference, *, model: LPIPS) -> float:
 
 
 # ====================================================================================================
+# FID (Heusel et al.), as the paper computed it
+#
+# FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), μ and Σ the mean and unbiased covariance of the 2048-d
+# pool3 features of InceptionV3 over each set of images. The paper used torchmetrics 1.5.1's
+# FrechetInceptionDistance(normalize=False) on uint8 images, i.e. torch-fidelity's InceptionV3: the graph
+# of TensorFlow's FID code (inception-2015-12-05) in PyTorch, fed the images resized to 299×299 by TF1's
+# bilinear resize (no antialiasing) and mapped to [−1, 1] by (x − 128) / 128. FIDInceptionV3 is that
+# graph; its module names are the checkpoint's keys. The resize moves FID: torchmetrics ≥ 1.8 antialiases
+# by default (resize="antialias" here) and so no longer gives the paper's numbers.
+
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+# torch-fidelity's and pytorch-fid's names for the converted TF weights. Same sha256 prefix in the name
+# (torch.hub's convention), and both packages load the file strictly into modules named alike (pytorch-fid
+# into torchvision's Inception3 without AuxLogits): one key layout.
+INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_SIZE = 299
+FID_RESIZES = ("tf1", "antialias")
+
+
+class _ConvBN(nn.Module):
+    """conv (no bias) → batch norm with TF's ε = 1e-3 → ReLU; keys conv.weight, bn.*. padding: the graph's
+    "SAME" (stride-1 convs in the blocks) or 0, its "VALID"."""
+
+    def __init__(self, c_in: int, c_out: int, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _chain(x: torch.Tensor, *layers) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
+    """3×3 mean, stride 1, over the pixels inside the image: TF's average pool does not count the padding
+    (torchvision's InceptionV3 does, one of its differences from the FID graph)."""
+    return nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class _InceptionA(nn.Module):
+    """35×35 block (Mixed_5b–5d): 1×1 | 1×1 → 5×5 | 1×1 → 3×3 → 3×3 | avg-pool → 1×1."""
+
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = _ConvBN(c_in, 64, 1)
+        self.branch5x5_1 = _ConvBN(c_in, 48, 1)
+        self.branch5x5_2 = _ConvBN(48, 64, 5, padding="same")
+        self.branch3x3dbl_1 = _ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding="same")
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, padding="same")
+        self.branch_pool = _ConvBN(c_in, pool_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1x1(x),
+                          _chain(x, self.branch5x5_1, self.branch5x5_2),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class _InceptionB(nn.Module):
+    """35 → 17 reduction (Mixed_6a): 3×3/2 | 1×1 → 3×3 → 3×3/2 | max-pool 3×3/2."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = _ConvBN(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _ConvBN(c_in, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding="same")
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch3x3(x),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          nn.functional.max_pool2d(x, 3, stride=2)], 1)
+
+
+class _InceptionC(nn.Module):
+    """17×17 block (Mixed_6b–6e), 7×7 convs factorised into 1×7 and 7×1 of width c7:
+    1×1 | 1×1 → 1×7 → 7×1 | 1×1 → 7×1 → 1×7 → 7×1 → 1×7 | avg-pool → 1×1."""
+
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        self.branch1x1 = _ConvBN(c_in, 192, 1)
+        self.branch7x7_1 = _ConvBN(c_in, c7, 1)
+        self.branch7x7_2 = _ConvBN(c7, c7, (1, 7), padding="same")
+        self.branch7x7_3 = _ConvBN(c7, 192, (7, 1), padding="same")
+        self.branch7x7dbl_1 = _ConvBN(c_in, c7, 1)
+        self.branch7x7dbl_2 = _ConvBN(c7, c7, (7, 1), padding="same")
+        self.branch7x7dbl_3 = _ConvBN(c7, c7, (1, 7), padding="same")
+        self.branch7x7dbl_4 = _ConvBN(c7, c7, (7, 1), padding="same")
+        self.branch7x7dbl_5 = _ConvBN(c7, 192, (1, 7), padding="same")
+        self.branch_pool = _ConvBN(c_in, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1x1(x),
+                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
+                          self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class _InceptionD(nn.Module):
+    """17 → 8 reduction (Mixed_7a): 1×1 → 3×3/2 | 1×1 → 1×7 → 7×1 → 3×3/2 | max-pool 3×3/2."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = _ConvBN(c_in, 192, 1)
+        self.branch3x3_2 = _ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _ConvBN(c_in, 192, 1)
+        self.branch7x7x3_2 = _ConvBN(192, 192, (1, 7), padding="same")
+        self.branch7x7x3_3 = _ConvBN(192, 192, (7, 1), padding="same")
+        self.branch7x7x3_4 = _ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
+                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                          nn.functional.max_pool2d(x, 3, stride=2)], 1)
+
+
+class _InceptionE(nn.Module):
+    """8×8 block (Mixed_7b, 7c): 1×1 | 1×1 → (1×3 ‖ 3×1) | 1×1 → 3×3 → (1×3 ‖ 3×1) | pool → 1×1.
+
+    The pool is a 3×3 average in Mixed_7b but a 3×3 max in Mixed_7c: so the FID graph has it (pytorch-fid's
+    FIDInceptionE_2 notes it as a likely slip of that graph); torchvision's InceptionV3 averages in both."""
+
+    def __init__(self, c_in: int, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = _ConvBN(c_in, 320, 1)
+        self.branch3x3_1 = _ConvBN(c_in, 384, 1)
+        self.branch3x3_2a = _ConvBN(384, 384, (1, 3), padding="same")
+        self.branch3x3_2b = _ConvBN(384, 384, (3, 1), padding="same")
+        self.branch3x3dbl_1 = _ConvBN(c_in, 448, 1)
+        self.branch3x3dbl_2 = _ConvBN(448, 384, 3, padding="same")
+        self.branch3x3dbl_3a = _ConvBN(384, 384, (1, 3), padding="same")
+        self.branch3x3dbl_3b = _ConvBN(384, 384, (3, 1), padding="same")
+        self.branch_pool = _ConvBN(c_in, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.branch3x3_1(x)
+        b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pooled = nn.functional.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
+
+
+def _resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, size, size) as TF1's resize_bilinear(align_corners=False): output pixel i
+    samples the input at i·(H / size) (no half-pixel offset, unlike torch's align_corners=False), linearly
+    between its two neighbours, the last row / column repeated past the edge. No antialiasing: a 1024² image
+    is read at 299² points, 2×2 pixels each. The lerps are a + (b − a)·w, in torch-fidelity's order."""
+    def taps(n: int):
+        src = torch.arange(size, dtype=x.dtype, device=x.device) * (n / size)
+        lo = src.long()  # floor: src ≥ 0
+        return lo, (lo + 1).clamp_max(n - 1), src - lo
+
+    (r0, r1, wr), (c0, c1, wc) = taps(x.shape[2]), taps(x.shape[3])
+    top, bottom = x[:, :, r0], x[:, :, r1]
+    top = top[..., c0] + (top[..., c1] - top[..., c0]) * wc
+    bottom = bottom[..., c0] + (bottom[..., c1] - bottom[..., c0]) * wc
+    return top + (bottom - top) * wr[:, None]
+
+
+class FIDInceptionV3(nn.Module):
+    """InceptionV3 of TensorFlow's FID code: uint8 images (N, 3, H, W) of any size -> (N, 2048) pool3
+    features, computed in float32 as torchmetrics did for the paper.
+
+    resize="tf1" (the paper's, torchmetrics < 1.8) resizes to 299×299 without antialiasing, as TF1 did;
+    "antialias" uses torch's antialiased bilinear resize, torchmetrics ≥ 1.8's default. forward =
+    pool3(preprocess(images)); the two halves serve images of different sizes (`inception_features`).
+    Load the official weights with `load_inception`.
+    """
+
+    def __init__(self, resize: str = "tf1"):
+        super().__init__()
+        if resize not in FID_RESIZES:
+            raise ValueError(f"resize must be one of {FID_RESIZES}, got {resize!r}")
+        self.resize = resize
+        self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding="same")
+        self.Conv2d_3b_1x1 = _ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = _ConvBN(80, 192, 3)
+        self.Mixed_5b = _InceptionA(192, pool_features=32)
+        self.Mixed_5c = _InceptionA(256, pool_features=64)
+        self.Mixed_5d = _InceptionA(288, pool_features=64)
+        self.Mixed_6a = _InceptionB(288)
+        self.Mixed_6b = _InceptionC(768, c7=128)
+        self.Mixed_6c = _InceptionC(768, c7=160)
+        self.Mixed_6d = _InceptionC(768, c7=160)
+        self.Mixed_6e = _InceptionC(768, c7=192)
+        self.Mixed_7a = _InceptionD(768)
+        self.Mixed_7b = _InceptionE(1280, pool="avg")
+        self.Mixed_7c = _InceptionE(2048, pool="max")
+        # The 1008 ImageNet logits: unused by FID; kept so that the file loads whole and that torchvision's
+        # 1000-class InceptionV3 (other weights, other FIDs) is refused by its shape.
+        self.fc = nn.Linear(2048, 1008)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [−1, 1] on the model's device."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"FID's InceptionV3 takes uint8 images (N, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        x = images.to(self.fc.weight.device).float()
+        if self.resize == "tf1":
+            x = _resize_bilinear_tf1(x, INCEPTION_SIZE)
+        else:
+            x = nn.functional.interpolate(x, (INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                                          align_corners=False, antialias=True)
+        return (x - 128) / 128
+
+    def pool3(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 299, 299) from `preprocess` -> (N, 2048): the global average of Mixed_7c."""
+        x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # 147²
+        x = _chain(nn.functional.max_pool2d(x, 3, stride=2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # 71²
+        x = _chain(nn.functional.max_pool2d(x, 3, stride=2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # 35²
+        x = _chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)  # 17²
+        x = _chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # 8²
+        return x.mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool3(self.preprocess(images))
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features (numpy or torch) -> μ (D,) and Σ (D, D), float64 numpy; Σ is the unbiased covariance
+    (÷ (N − 1)), as torchmetrics and pytorch-fid compute it."""
+    if torch.is_tensor(features):
+        features = features.detach().cpu().double().numpy()
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"FID statistics need (N, D) features with N ≥ 2, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½): the Fréchet distance between N(μ₁, Σ₁) and N(μ₂, Σ₂), in
+    float64, with (Σ₁Σ₂)^½ from scipy.linalg.sqrtm as pytorch-fid computes it. (torchmetrics 1.5.1 sums the
+    square roots of the eigenvalues of Σ₁Σ₂ instead: the same trace, up to rounding.)"""
+    from scipy import linalg
+
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or not sigma1.shape == sigma2.shape == (len(mu1), len(mu1)):
+        raise ValueError(f"FID statistics do not match: μ {mu1.shape} and {mu2.shape}, Σ {sigma1.shape} and "
+                         f"{sigma2.shape}")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    # With fewer images than feature dimensions Σ is singular, and sqrtm of a singular product can fail
+    # (inf / nan); then, as pytorch-fid, ε·I is added to both covariances.
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    # Σ₁Σ₂ has the eigenvalues of Σ₁^½ Σ₂ Σ₁^½, all ≥ 0, so the trace of its square root is real; rounding
+    # leaves some slightly below 0, and sqrtm then returns a complex matrix with a tiny imaginary part,
+    # dropped here. A large one on the diagonal means Σ₁, Σ₂ are not covariances: an error, as in pytorch-fid.
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(Σ₁Σ₂) has an imaginary part up to {np.abs(covmean.imag).max():.3g}: "
+                             "Σ₁, Σ₂ are not both positive semi-definite")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def read_state_dict(path: Path) -> dict:
+    """torch.load(path) of a weight file (tensors only, onto the CPU); ValueError in one line otherwise."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a torch state dict ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a torch state dict")
+    return sd
+
+
+def load_inception(path: str | os.PathLike | None = None, *, device="cpu", resize: str = "tf1") -> FIDInceptionV3:
+    """FID's InceptionV3 from torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's
+    pt_inception-2015-12-05-6726825d.pth (the same keys; the batch norms' num_batches_tracked may be there
+    or not). Without `path`, either name in the torch hub cache ($TORCH_HOME/hub/checkpoints/), where those
+    packages download it. resize: "tf1" (the paper's) or "antialias" (see FIDInceptionV3).
+    FileNotFoundError / ValueError with a one-line message if the file is missing or does not fit."""
+    with torch.device("meta"):  # no random init of the 24 M weights that the file replaces
+        model = FIDInceptionV3(resize)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [Path(path)] if path is not None else [hub / name for name in INCEPTION_FILES]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"FID needs the InceptionV3 weights {INCEPTION_FILES[0]} (or pytorch-fid's "
+                                f"{INCEPTION_FILES[1]}); looked for {', '.join(map(str, candidates))}; "
+                                f"get it from {INCEPTION_URL}")
+    sd = read_state_dict(found)
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # training-only counters
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong)):
+        if keys:
+            raise ValueError(f"{found} does not fit FID's InceptionV3 (torch-fidelity / pytorch-fid layout): "
+                             f"{what} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    counters = {k: torch.tensor(0) for k in model.state_dict() if k not in expected}
+    model.load_state_dict({**counters, **{k: sd[k].float() for k in expected}}, assign=True)
+    return model.requires_grad_(False).eval().to(device)
+
+
+@torch.no_grad()
+def inception_features(images, model: FIDInceptionV3, *, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """(N, 2048) float32 pool3 features of a sequence of images (paths, PIL images or (H, W, 3) uint8 arrays,
+    sizes may differ). Each image is read and resized to 299×299 alone, then the network runs on
+    `batch_size` of them at a time: a batch holds 299² copies only, whatever the image size."""
+    from tqdm import tqdm
+
+    def prepared(image) -> torch.Tensor:  # (1, 3, 299, 299) on the model's device
+        rgb = torch.from_numpy(np.array(to_rgb_array(image)))  # a writable copy
+        return model.preprocess(rgb.permute(2, 0, 1)[None])
+
+    out = []
+    with tqdm(total=len(images), desc="FID features", unit="image", file=sys.stderr, disable=not progress) as bar:
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            out.append(model.pool3(torch.cat([prepared(image) for image in chunk])).cpu())
+            bar.update(len(chunk))
+    return torch.cat(out).numpy() if out else np.empty((0, 2048), np.float32)
+
+
+# ====================================================================================================
 # Fast GLCM (engineering): all patches at once
 #
 # The same numbers as glcm_patch_scores_plain (tested equal) without building a 65536-entry array per

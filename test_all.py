@@ -746,6 +746,239 @@ def test_metrics_lpips_missing_or_wrong_files(_metrics_lpips_files, tmp_path, mo
     assert proc.returncode == 2 and "give --ref" in proc.stderr
 
 
+# --------------------------------------------------------------------------------------------------
+# FID
+
+_METRICS_FID_SIZES = [(64, 96), (299, 299), (333, 200)]  # (H, W): up, none, and a non-square down/up mix
+
+
+def _metrics_bare_import(stand_ins: dict, load):
+    """load() with `stand_ins` in sys.modules, then the stand-ins and the modules of their packages dropped again,
+    so that no other test sees them (what else load() imported, scipy say, stays: others hold it). It imports peer
+    modules past code they do not need: torch-fidelity's and pytorch-fid's package __init__ and fid_score.py
+    import torchvision, which cannot be installed here."""
+    packages = {name.split(".")[0] for name in stand_ins}
+    assert not packages & {name.split(".")[0] for name in sys.modules}
+    sys.modules.update(stand_ins)
+    try:
+        return load()
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] in packages]:
+            del sys.modules[name]
+
+
+def _metrics_package_stand_in(name: str):
+    """An empty package whose submodules are the installed ones: its own __init__ does not run."""
+    import importlib.util
+    import types
+
+    module = types.ModuleType(name)
+    module.__path__ = importlib.util.find_spec(name).submodule_search_locations
+    return module
+
+
+@pytest.fixture(scope="module")
+def _metrics_fid(tmp_path_factory):
+    """Random InceptionV3 weights in torch-fidelity's layout (as its conversion script writes them: a plain dict,
+    no batch-norm num_batches_tracked), with the keys and shapes of torch-fidelity's own FeatureExtractorInceptionV3;
+    that extractor loaded from the file (strictly, by its own code) as the reference; one random uint8 image of each
+    size in _METRICS_FID_SIZES and its reference features (1, 2048)."""
+    import importlib
+    from unittest import mock
+
+    fe, tf1 = _metrics_bare_import({"torch_fidelity": _metrics_package_stand_in("torch_fidelity")}, lambda: [
+        importlib.import_module(f"torch_fidelity.{m}")
+        for m in ("feature_extractor_inceptionv3", "interpolate_compat_tensorflow")])
+    extractor = fe.FeatureExtractorInceptionV3
+    with mock.patch.object(torch, "load", return_value={}), mock.patch.object(extractor, "load_state_dict"):
+        skeleton = extractor("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in skeleton.state_dict().items():  # He-scaled convs and mild batch norms: features of order 1
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("bn.weight"):
+            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith("running_var"):
+            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif not k.endswith("num_batches_tracked"):  # biases, running means, fc
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+    path = tmp_path_factory.mktemp("fid") / metrics.INCEPTION_FILES[0]
+    torch.save(sd, path)
+    reference = extractor("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in _METRICS_FID_SIZES]
+    expected = [reference(_metrics_chw(a))[0] for a in images]
+    return path, sd, reference, tf1.interpolate_bilinear_2d_like_tensorflow1x, images, expected
+
+
+def _metrics_chw(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+
+def _metrics_pytorch_fid_distance():
+    """pytorch-fid's calculate_frechet_distance; fid_score.py imports torchvision and pytorch-fid's InceptionV3
+    (built on torchvision) at its top, which that function does not use: empty stand-ins serve that import."""
+    import importlib
+    import types
+
+    stand_ins = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.transforms",
+                                                           "pytorch_fid.inception")}
+    stand_ins["pytorch_fid.inception"].InceptionV3 = types.SimpleNamespace(BLOCK_INDEX_BY_DIM={2048: 3})  # for argparse
+    stand_ins["pytorch_fid"] = _metrics_package_stand_in("pytorch_fid")
+    return _metrics_bare_import(stand_ins, lambda: importlib.import_module("pytorch_fid.fid_score")
+                                ).calculate_frechet_distance
+
+
+def _metrics_pil_bilinear(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Pillow's antialiased bilinear resize of each channel in float32 (mode F) -> (3, size, size)."""
+    return np.stack([np.asarray(Image.fromarray(rgb[..., c].astype(np.float32), mode="F")
+                                .resize((size, size), Image.Resampling.BILINEAR)) for c in range(3)])
+
+
+# Features against torch-fidelity: the same fp32 convolutions on the same inputs, only the order of some sums may
+# differ (global mean vs adaptive_avg_pool2d, the conv algorithm picked per shape): ~1e-7 at worst, 0 when
+# measured. 1e-5 relative leaves room for that; a wrong pool, padding or resize offset moves features by ≥ 1e-2.
+_METRICS_FID_RTOL = 1e-5
+
+
+def test_metrics_fid_inception_matches_torch_fidelity(_metrics_fid):
+    path, sd, reference, tf1_resize, images, expected = _metrics_fid
+    model = metrics.load_inception(path)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    for rgb, ref in zip(images, expected):
+        x = _metrics_chw(rgb)
+        # The resize alone: the same float32 ops in the same order as torch-fidelity's (bit-equal when measured).
+        peer_input = (tf1_resize(x.float(), size=(299, 299), align_corners=False) - 128) / 128
+        assert rel(model.preprocess(x), peer_input) <= 1e-6
+        ours = model(x)
+        assert ours.shape == (1, 2048) and ours.dtype == torch.float32 and ref.abs().max() > 1
+        assert rel(ours, ref) <= _METRICS_FID_RTOL, rgb.shape
+    with pytest.raises(ValueError, match="uint8 images"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_metrics_fid_features_of_image_lists_and_antialias(_metrics_fid, tmp_path):
+    path, sd, reference, _, images, expected = _metrics_fid
+    Image.fromarray(images[2]).save(tmp_path / "c.png")
+    mixed = [images[0], Image.fromarray(images[1]), tmp_path / "c.png"]  # an array, a PIL image, a path
+    model = metrics.load_inception(path)
+    # Batches of 2 then 1, each image of its own size resized alone: torch-fidelity on each image by itself.
+    feats = metrics.inception_features(mixed, model, batch_size=2, progress=False)
+    assert feats.shape == (3, 2048) and feats.dtype == np.float32
+    assert rel(feats, torch.cat(expected)) <= _METRICS_FID_RTOL
+    assert metrics.inception_features([], model, progress=False).shape == (0, 2048)
+    # resize="antialias" is Pillow's antialiased bilinear resize (torch's antialias=True follows its filter):
+    # measured ≤ 5e-5 apart in [−1, 1] (float32 weights summed in another order); TF1's resize, which reads
+    # 2×2 pixels per output pixel, is ~0.3 away on these noise images when shrinking 333 rows to 299.
+    aa = metrics.load_inception(path, resize="antialias")
+    for rgb in images:
+        pil = (torch.from_numpy(_metrics_pil_bilinear(rgb, 299)) - 128) / 128
+        assert (aa.preprocess(_metrics_chw(rgb))[0] - pil).abs().max() <= 1e-4
+    assert (model.preprocess(_metrics_chw(images[2]))[0] - pil).abs().max() > 0.1
+    with pytest.raises(ValueError, match="resize must be one of"):
+        metrics.load_inception(path, resize="bicubic")
+
+
+def test_metrics_fid_weight_files(_metrics_fid, tmp_path, monkeypatch):
+    path, sd, reference = _metrics_fid[:3]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    with pytest.raises(FileNotFoundError) as e:
+        metrics.load_inception()
+    message = str(e.value)
+    assert "\n" not in message and metrics.INCEPTION_URL in message
+    assert all(str(hub / name) in message for name in metrics.INCEPTION_FILES)
+    with pytest.raises(FileNotFoundError, match=r"looked for [^,]*nope\.pth; get it from https://github.com/toshas"):
+        metrics.load_inception(tmp_path / "nope.pth")
+    # pytorch-fid's layout, found in the hub cache under its name: the same keys as saved from a module's
+    # state_dict() (pytorch-fid loads its file strictly into torchvision's Inception3, whose module names are
+    # these), with each batch norm's num_batches_tracked and the state dict's version metadata
+    hub.mkdir(parents=True)
+    saved = reference.state_dict()
+    assert any(k.endswith("num_batches_tracked") for k in saved) and hasattr(saved, "_metadata")
+    torch.save(saved, hub / metrics.INCEPTION_FILES[1])
+    model = metrics.load_inception()
+    loaded = model.state_dict()
+    # every weight in place: 94 conv + batch-norm layers (conv.weight, bn.weight / bias / running_mean /
+    # running_var) and fc
+    assert all(loaded[k].equal(v) for k, v in sd.items()) and len(sd) == 94 * 5 + 2
+    # wrong keys or shapes: one line naming the file and the first keys
+    for bad, match in (({k: v for k, v in sd.items() if not k.startswith("Mixed_7c.")}, "missing Mixed_7c."),
+                       ({**sd, "AuxLogits.fc.weight": torch.zeros(1008, 768)}, "unexpected AuxLogits.fc.weight"),
+                       ({**sd, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)},
+                        "wrong shape for fc.weight, fc.bias")):  # torchvision's 1000-class ImageNet InceptionV3
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=f"bad.pth does not fit FID's InceptionV3.*{match}") as e:
+            metrics.load_inception(tmp_path / "bad.pth")
+        assert "\n" not in str(e.value)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pth: not a torch state dict"):
+        metrics.load_inception(tmp_path / "junk.pth")
+
+
+def test_metrics_fid_feature_stats():
+    f = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
+    for features in (f, torch.from_numpy(f)):
+        mu, sigma = metrics.feature_stats(features)
+        assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (8, 8)
+        # numpy's own float64 mean and unbiased covariance of the same float32 values: the same sums
+        np.testing.assert_allclose(mu, np.mean(f.astype(np.float64), axis=0), rtol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match="N ≥ 2"):
+        metrics.feature_stats(f[:1])
+
+
+def test_metrics_fid_frechet_distance_matches_pytorch_fid(monkeypatch):
+    pytorch_fid_distance = _metrics_pytorch_fid_distance()
+    rng = np.random.default_rng(4)
+
+    def stats(n, d, shift=0.0):
+        return metrics.feature_stats(rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + shift)
+
+    full, other = stats(200, 16), stats(300, 16, shift=0.5)  # full-rank covariances
+    singular, other_singular = stats(10, 64), stats(12, 64, shift=0.5)  # N < D: rank N − 1, as FID on few images
+    for a, b in ((full, other), (singular, other_singular), (full, full)):
+        ours, ref = metrics.frechet_distance(*a, *b), pytorch_fid_distance(*a, *b)
+        # the same scipy sqrtm of the same product and the same traces: equal up to the last bits
+        assert ours == pytest.approx(ref, rel=1e-12, abs=1e-9)
+    # torchmetrics 1.5.1's formula, Σ √λ(Σ₁Σ₂) for the trace: the same number up to eigensolver rounding
+    (mu1, s1), (mu2, s2) = full, other
+    tm = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2)).real.sum()
+    assert metrics.frechet_distance(*full, *other) == pytest.approx(tm, rel=1e-10)
+    assert abs(metrics.frechet_distance(*full, *full)) < 1e-9  # a set against itself
+    # diagonal covariances: FID = ‖μ₁ − μ₂‖² + Σ (√a − √b)²
+    a, b, m1, m2 = rng.uniform(0.1, 3, 32), rng.uniform(0.1, 3, 32), rng.normal(size=32), rng.normal(size=32)
+    closed = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert metrics.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(closed, rel=1e-12)
+    # a product whose square root fails (inf / nan): ε·I on both covariances, as pytorch-fid; forced here through
+    # scipy's sqrtm, which both call as scipy.linalg.sqrtm
+    import scipy.linalg
+
+    sqrtm = scipy.linalg.sqrtm
+    unshifted = [singular[1] @ other_singular[1]]
+
+    def failing_sqrtm(m, *args, **kwargs):
+        if np.array_equal(m, unshifted[0]):
+            out = np.full_like(m, np.nan)
+            return (out, np.inf) if kwargs.get("disp", True) is False else out
+        return sqrtm(m, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_sqrtm)
+    ours, ref = metrics.frechet_distance(*singular, *other_singular), pytorch_fid_distance(*singular, *other_singular)
+    assert math.isfinite(ours) and ours == pytest.approx(ref, rel=1e-12)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    assert ours != pytest.approx(metrics.frechet_distance(*singular, *other_singular), rel=1e-12)  # ε moved it
+    # "covariances" with a negative eigenvalue: a large imaginary part; both refuse
+    neg = np.diag([1.0, -1.0])
+    with pytest.raises(ValueError, match="imaginary"):
+        metrics.frechet_distance(np.zeros(2), neg, np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="Imaginary"):
+        pytorch_fid_distance(np.zeros(2), neg, np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="do not match"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
 # ====================================================================================================
 # vae
 # ====================================================================================================
