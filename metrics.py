@@ -1129,7 +1129,7 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     if min(h, w) != size:  # at scale 1 the resize is the identity
         long = int(size * max(h, w) / min(h, w))
         h, w = (size, long) if h <= w else (long, size)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+        x = torch.tensor(rgb).permute(2, 0, 1)[None].float()
         x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         rgb = x.round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
     top, left = round((h - size) / 2), round((w - size) / 2)

@@ -15,7 +15,8 @@ default (theirs are JPEG, quality 95, as --prompts writes them); flux-dev's guid
 (their script defaults to 7.0).
 
 The paper's evaluation generates one square image per prompt of the evaluation set's metadata.jsonl, every prompt
-from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half.
+from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half. It reads the
+prompts with metrics.read_prompts, the one reader of an evaluation set's metadata.jsonl that metrics.py also uses.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import mmdit
 import text_encoders as te
 import vae as vae_lib
+from metrics import read_prompts
 
 MODELS = ("flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
 DEFAULT_STEPS = {"flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper's evaluation
@@ -353,37 +355,6 @@ def save_image(image: torch.Tensor, path, metadata: dict, fmt: str = "png", qual
     else:
         options = {"format": "JPEG", "quality": quality, "comment": json.dumps(metadata)}
     vae_lib.atomic_write(Path(path).absolute(), lambda tmp: Image.fromarray(array).save(tmp, **options))
-
-
-def read_prompts(path) -> list[tuple[str, Path]]:
-    """(prompt, image name) for each line of an Aesthetic-4K metadata.jsonl, {"file_name": ..., "text": ...} (the
-    keys train_wlf.py reads); the name is file_name without its extension. A bad line is an error naming the file
-    and line, not a skip: a generated set short of a prompt would be scored as if it were the evaluation set."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError) as e:
-        raise vae_lib.UserError(f"--prompts {path}: cannot read it ({e})") from None
-    prompts, seen = [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            file_name, text = Path(str(row["file_name"])), str(row["text"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise vae_lib.UserError(f'{path}:{number}: not a {{"file_name": ..., "text": ...}} object '
-                                    f"({type(e).__name__}: {e})") from None
-        if file_name.is_absolute() or ".." in file_name.parts or not file_name.name:
-            raise vae_lib.UserError(f"{path}:{number}: file_name {str(file_name)!r} is not a path inside the folder")
-        if (name := file_name.with_suffix("")) in seen:
-            raise vae_lib.UserError(f"{path}:{number}: file_name {str(file_name)!r} names the same image as line "
-                                    f"{seen[name]}")
-        seen[name] = number
-        prompts.append((text, name))
-    if not prompts:
-        raise vae_lib.UserError(f"--prompts {path}: no prompts in it")
-    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------------
