@@ -22,8 +22,12 @@ PSNR, SSIM (Gaussian window 11, σ = 1.5), NMSE and LPIPS (VGG16, v0.1, in plain
 weight files) compare an image with a reference of the same size. `load_image` reads files as OpenCV's
 imread (the authors' reader) does, as RGB.
 
+CLIPScore (openai/clip-vit-base-patch16) and the LAION aesthetic predictor (on openai/clip-vit-large-patch14)
+score images without a reference, from CLIPModel safetensors folders, as the authors' evaluation computed them.
+
 CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
-Imports `UserError` and `write_json` from vae.py: the scripts' shared error type and atomic JSON writer.
+Imports `UserError` and `write_json` from vae.py: the scripts' shared error type and atomic JSON writer; and
+from text_encoders.py CLIP's text tower, its encoder layer (shared by the image tower) and tokenizer.
 """
 import argparse
 import functools
@@ -32,9 +36,10 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -761,9 +766,10 @@ def glcm_patch_scores(levels: torch.Tensor, *, entropy: str = "distinct", chunk:
 # - CLIPScore: torchmetrics 1.5.1 over transformers 4.45's CLIPProcessor, one image per call. Pixels: the
 #   shorter side to 224 by Pillow's bicubic (the longer one int(224 · long / short)), the centre 224² from
 #   offset ⌊(side − 224) / 2⌋, x / 255 standardised with CLIP's mean and std. A caption over 77 tokens (BOS
-#   and EOS included) keeps its first 77, which drops EOS; openai's configs (eos_token_id 2) pool the text at
-#   the highest token id, so such a caption is read at one of its words. That is the default; keep_eos=True
-#   ends a cut caption with EOS instead, as OpenAI's clip.tokenize(truncate=True) does.
+#   and EOS included) keeps its first 77, which drops EOS. The text is then pooled at the highest token id
+#   (openai's configs, eos_token_id 2) or at the first EOS (position 0 when there is none): either way at BOS,
+#   so all such captions share one text embedding, the BOS token's. That is the paper's number and the
+#   default; keep_eos=True ends a cut caption with EOS, as OpenAI's clip.tokenize(truncate=True) does.
 # - Aesthetics: the OpenAI clip package's preprocessing: torchvision's Resize(224, bicubic) on the PIL image
 #   (the same sizes and filter) and CenterCrop(224), whose offset round((side − 224) / 2) rounds half to even:
 #   one pixel past ⌊·⌋ when side − 224 ≡ 3 (mod 4). Their CLIP ran in fp16 on a GPU, ours in fp32.
@@ -776,17 +782,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass
-class CLIPVisionConfig:  # transformers' defaults, which its config.json files leave out
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 512
+# transformers' CLIPVisionConfig defaults, which its config.json files may leave out. An image tower's config is
+# these fields and projection_dim.
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 def clip_pixels(image, size: int = 224, *, round_crop: bool = False) -> torch.Tensor:
@@ -804,9 +803,10 @@ def clip_pixels(image, size: int = 224, *, round_crop: bool = False) -> torch.Te
 class CLIPVision(nn.Module):
     """CLIP's image tower and `visual_projection` (no bias), keys as in CLIPModel files: a ViT on patch_size²
     patches plus a class token, a LayerNorm before the encoder ("pre_layrnorm", sic) and one on the class token
-    after it. The encoder layers are the text tower's (text_encoders.CLIPEncoderLayer) without the causal mask."""
+    after it. The encoder layers are the text tower's (text_encoders.CLIPEncoderLayer) without the causal mask.
+    config: the fields of CLIP_VISION_DEFAULTS and projection_dim."""
 
-    def __init__(self, config: CLIPVisionConfig):
+    def __init__(self, config: SimpleNamespace):
         super().__init__()
         self.config = c = config
         embeddings = nn.Module()
@@ -921,7 +921,6 @@ def _load_clip_vision(folder: Path, device) -> CLIPVision:
         raise ValueError(f"{folder / 'config.json'}: unreadable ({e})") from None
     # old files also hold vision_config_dict, which transformers lets override vision_config
     given = {**(cfg.get("vision_config") or {}), **(cfg.get("vision_config_dict") or {})}
-    names = {f.name for f in fields(CLIPVisionConfig)} - {"projection_dim"}
     file = folder / "model.safetensors"
     with safe_open(file, "pt") as f:
         keys = [k for k in f.keys() if k.startswith(("vision_model.", "visual_projection."))
@@ -929,8 +928,8 @@ def _load_clip_vision(folder: Path, device) -> CLIPVision:
         if "visual_projection.weight" not in keys:
             raise ValueError(f"{file}: no CLIP image tower with its projection (visual_projection.weight)")
         state = {k: f.get_tensor(k) for k in keys}
-    config = CLIPVisionConfig(**{k: v for k, v in given.items() if k in names},
-                              projection_dim=state["visual_projection.weight"].shape[0])
+    config = SimpleNamespace(**{k: given.get(k, v) for k, v in CLIP_VISION_DEFAULTS.items()},
+                             projection_dim=state["visual_projection.weight"].shape[0])
     with torch.device("meta"):
         model = CLIPVision(config)
     model.load_state_dict(_fit(state, model, str(file)), assign=True)
@@ -956,30 +955,30 @@ def load_aesthetic(clip_path=None, head_path=None, *, device="cpu") -> Aesthetic
     patch14 in the Hugging Face cache) and the MLP's state dict sac+logos+ava1-l14-linearMSE.pth (None: looked for
     in $TORCH_HOME/hub/checkpoints/). FileNotFoundError / ValueError with a one-line message."""
     folder = _clip_folder(clip_path, AESTHETIC_CLIP, "the aesthetic predictor")
-    candidates = _lpips_candidates(AESTHETIC_HEAD_FILE, head_path)  # the given path, else the torch hub cache
-    head = next((p for p in candidates if p.is_file()), None)
-    if head is None:
-        raise FileNotFoundError(f"the aesthetic predictor needs {AESTHETIC_HEAD_FILE}; looked for "
-                                f"{', '.join(map(str, candidates))}; get it from {AESTHETIC_HEAD_SOURCE}")
+    head = Path(head_path or Path(torch.hub.get_dir()) / "checkpoints" / AESTHETIC_HEAD_FILE)  # where LPIPS looks
+    if not head.is_file():
+        raise FileNotFoundError(f"the aesthetic predictor needs {AESTHETIC_HEAD_FILE}; looked for {head}; get it "
+                                f"from {AESTHETIC_HEAD_SOURCE}")
     try:
-        state = torch.load(head, map_location="cpu", weights_only=True)
+        state = dict(torch.load(head, map_location="cpu", weights_only=True))
     except Exception as e:
         raise ValueError(f"{head}: not a torch state dict ({type(e).__name__})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{head}: not a torch state dict")
     model = AestheticPredictor(_load_clip_vision(folder, "cpu"))
     model.layers.load_state_dict(_fit(state, model.layers, str(head), "layers."))
     return model.to(device).eval().requires_grad_(False)
 
 
 def _clip_batches(images: list, size: int, round_crop: bool, batch_size: int, progress: bool, desc: str):
-    """(start, pixels) for each run of batch_size images, preprocessed by clip_pixels."""
+    """(start, pixels) for each run of batch_size images, preprocessed by clip_pixels in a few threads: Pillow
+    decodes and resizes without the GIL, and for large files that is most of the time."""
     from tqdm import tqdm
 
-    with tqdm(total=len(images), desc=desc, unit="image", file=sys.stderr, disable=not progress) as bar:
+    prepare = functools.partial(clip_pixels, size=size, round_crop=round_crop)
+    with (ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
+          tqdm(total=len(images), desc=desc, unit="image", file=sys.stderr, disable=not progress) as bar):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            yield start, torch.cat([clip_pixels(im, size, round_crop=round_crop) for im in batch])
+            yield start, torch.cat(list(pool.map(prepare, batch)))
             bar.update(len(batch))
 
 
@@ -987,8 +986,8 @@ def _clip_batches(images: list, size: int, round_crop: bool, batch_size: int, pr
 def clip_score(images, texts, model: CLIP, *, keep_eos: bool = False, batch_size: int = 32,
                progress: bool = False) -> torch.Tensor:
     """Per-image CLIPScore (N,) float32 on the CPU (the paper reports the mean). images: paths, PIL images or
-    (H, W, 3) uint8 arrays; texts: one caption each. Captions longer than the text tower's context are cut (see
-    the section header), with one warning saying how many."""
+    (H, W, 3) uint8 arrays (a bad file raises one of UNREADABLE); texts: one caption each. Captions longer than
+    the text tower's context are cut (see the section header), with one warning saying how many."""
     images, texts = list(images), [texts] if isinstance(texts, str) else list(texts)
     if len(images) != len(texts):
         raise ValueError(f"clip_score needs one caption per image, got {len(images)} images and {len(texts)} captions")
@@ -1013,7 +1012,8 @@ def clip_score(images, texts, model: CLIP, *, keep_eos: bool = False, batch_size
 @torch.no_grad()
 def aesthetic_score(images, model: AestheticPredictor, *, batch_size: int = 32, progress: bool = False
                     ) -> torch.Tensor:
-    """Per-image LAION aesthetic score (N,) float32 on the CPU. images: paths, PIL images or (H, W, 3) uint8 arrays."""
+    """Per-image LAION aesthetic score (N,) float32 on the CPU. images: paths, PIL images or (H, W, 3) uint8
+    arrays (a bad file raises one of UNREADABLE)."""
     images = list(images)
     device = next(model.parameters()).device
     out = torch.empty(len(images))
