@@ -219,6 +219,49 @@ PAIR_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
 # ====================================================================================================
+# Weight files of the evaluation networks (LPIPS, FID, Aesthetics): torch state dicts, by default in the torch
+# hub cache ($TORCH_HOME/hub/checkpoints/), where torchvision, torch-fidelity and pytorch-fid download theirs
+
+
+def weight_file(given, names: tuple[str, ...], user: str, source: str, also: list[Path] = ()) -> Path:
+    """`given`, else the first of `names` (then `also`) found in the torch hub cache; FileNotFoundError naming the
+    file, every place looked and where to get it."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    places = [Path(given)] if given is not None else [hub / name for name in names] + list(also)
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{user} needs {' or '.join(names)}; looked for {', '.join(map(str, places))}; get "
+                                f"it from {source}")
+    return found
+
+
+def read_state_dict(path: Path) -> dict:
+    """torch.load(path) of a weight file (tensors only, onto the CPU); ValueError in one line otherwise."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a torch state dict ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a torch state dict")
+    return sd
+
+
+def fit_state(state: dict, model: nn.Module, where: str, prefix: str = "") -> dict:
+    """state's tensors for each key of model (stored under prefix + key), floating ones as float32; ValueError in
+    one line if they do not fit it exactly."""
+    expected = {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {list(state[k].shape)} (expected {list(s)})" for k, s in expected.items()
+             if k in state and tuple(state[k].shape) != s]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    return {k.removeprefix(prefix): state[k].float() if state[k].is_floating_point() else state[k] for k in expected}
+
+
+# ====================================================================================================
 # LPIPS (Zhang et al. 2018), v0.1 with VGG16 — the perceptual term of the SC-VAE objective (Eq. 4)
 
 LPIPS_VGG_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 state dict
@@ -280,19 +323,6 @@ class LPIPS(nn.Module):
         return distance
 
 
-def _lpips_candidates(name: str, given) -> list[Path]:
-    if given is not None:
-        return [Path(given)]
-    places = [Path(torch.hub.get_dir()) / "checkpoints" / name]  # where torchvision / lpips cache them
-    if name == LPIPS_HEADS_FILE:
-        import importlib.util
-
-        spec = importlib.util.find_spec("lpips")  # an installed lpips package holds the heads (not imported)
-        if spec is not None and spec.submodule_search_locations:
-            places += [Path(p) / "weights" / "v0.1" / name for p in spec.submodule_search_locations]
-    return places
-
-
 def load_lpips(vgg: str | os.PathLike | None = None, heads: str | os.PathLike | None = None, *,
                device="cpu") -> LPIPS:
     """LPIPS-VGG v0.1 from the official files: `vgg` = torchvision's vgg16-397923af.pth (its `features.*`
@@ -300,30 +330,17 @@ def load_lpips(vgg: str | os.PathLike | None = None, heads: str | os.PathLike | 
     ($TORCH_HOME/hub/checkpoints/), and for the heads also an installed lpips package.
     FileNotFoundError / ValueError with a one-line message if a file is missing or does not fit."""
     model = LPIPS()
-    state = {}
-    hints = {LPIPS_VGG_FILE: "https://download.pytorch.org/models/vgg16-397923af.pth",
-             LPIPS_HEADS_FILE: "lpips/weights/v0.1/vgg.pth inside the lpips wheel (pip download lpips --no-deps)"}
-    for name, given, prefix in ((LPIPS_VGG_FILE, vgg, "features."), (LPIPS_HEADS_FILE, heads, "lin")):
-        candidates = _lpips_candidates(name, given)
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"LPIPS needs {name}; looked for {', '.join(map(str, candidates))}; "
-                                    f"get it from {hints[name]}")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: not a torch state dict ({type(e).__name__})") from None
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: not a torch state dict")
-        state.update({k: v for k, v in sd.items() if k.startswith(prefix)})
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or wrong:
-        what = f"missing {', '.join(missing[:3])}" if missing else f"wrong shape for {', '.join(wrong[:3])}"
-        raise ValueError(f"LPIPS weights ({vgg or LPIPS_VGG_FILE}, {heads or LPIPS_HEADS_FILE}) do not fit "
-                         f"VGG16 + LPIPS v0.1 heads: {what}")
-    model.load_state_dict({k: state[k].float() for k in expected})
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")  # an installed lpips package holds the heads (not imported)
+    in_lpips = [Path(p) / "weights" / "v0.1" / LPIPS_HEADS_FILE for p in spec.submodule_search_locations or []
+                ] if spec else []
+    vgg = weight_file(vgg, (LPIPS_VGG_FILE,), "LPIPS", "https://download.pytorch.org/models/vgg16-397923af.pth")
+    heads = weight_file(heads, (LPIPS_HEADS_FILE,), "LPIPS", "lpips/weights/v0.1/vgg.pth inside the lpips wheel "
+                        "(pip download lpips --no-deps)", also=in_lpips)
+    state = {k: v for k, v in read_state_dict(vgg).items() if k.startswith("features.")}
+    state |= {k: v for k, v in read_state_dict(heads).items() if k.startswith("lin")}
+    model.load_state_dict(fit_state(state, model, f"LPIPS ({vgg}, {heads})"))
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -604,17 +621,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def read_state_dict(path: Path) -> dict:
-    """torch.load(path) of a weight file (tensors only, onto the CPU); ValueError in one line otherwise."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a torch state dict ({type(e).__name__})") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a torch state dict")
-    return sd
-
-
 def load_inception(path: str | os.PathLike | None = None, *, device="cpu", resize: str = "tf1") -> FIDInceptionV3:
     """FID's InceptionV3 from torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's
     pt_inception-2015-12-05-6726825d.pth (the same keys; the batch norms' num_batches_tracked may be there
@@ -623,25 +629,10 @@ def load_inception(path: str | os.PathLike | None = None, *, device="cpu", resiz
     FileNotFoundError / ValueError with a one-line message if the file is missing or does not fit."""
     with torch.device("meta"):  # no random init of the 24 M weights that the file replaces
         model = FIDInceptionV3(resize)
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    candidates = [Path(path)] if path is not None else [hub / name for name in INCEPTION_FILES]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"FID needs the InceptionV3 weights {INCEPTION_FILES[0]} (or pytorch-fid's "
-                                f"{INCEPTION_FILES[1]}); looked for {', '.join(map(str, candidates))}; "
-                                f"get it from {INCEPTION_URL}")
-    sd = read_state_dict(found)
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # training-only counters
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong)):
-        if keys:
-            raise ValueError(f"{found} does not fit FID's InceptionV3 (torch-fidelity / pytorch-fid layout): "
-                             f"{what} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
-    counters = {k: torch.tensor(0) for k in model.state_dict() if k not in expected}
-    model.load_state_dict({**counters, **{k: sd[k].float() for k in expected}}, assign=True)
+    found = weight_file(path, INCEPTION_FILES, "FID's InceptionV3", INCEPTION_URL)
+    # The batch norms' num_batches_tracked (training-only counters) are in pytorch-fid's file, not torch-fidelity's
+    counters = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    model.load_state_dict(fit_state(counters | read_state_dict(found), model, str(found)), assign=True)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -898,21 +889,6 @@ def _clip_folder(path, repo_id: str, user: str) -> Path:
                             f"files from https://huggingface.co/{repo_id}")
 
 
-def _fit(state: dict, model: nn.Module, where: str, prefix: str = "") -> dict:
-    """state's tensors for each key of model (stored under prefix + key), as float32; ValueError if they do not
-    fit it exactly."""
-    expected = {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {list(state[k].shape)} (expected {list(s)})" for k, s in expected.items()
-             if k in state and tuple(state[k].shape) != s]
-    if missing or unexpected or wrong:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ValueError(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
-    return {k.removeprefix(prefix): state[k].float() for k in expected}
-
-
 def _load_clip_vision(folder: Path, device) -> CLIPVision:
     """The image tower and visual_projection of a CLIPModel folder's model.safetensors, in float32."""
     try:
@@ -932,7 +908,7 @@ def _load_clip_vision(folder: Path, device) -> CLIPVision:
                              projection_dim=state["visual_projection.weight"].shape[0])
     with torch.device("meta"):
         model = CLIPVision(config)
-    model.load_state_dict(_fit(state, model, str(file)), assign=True)
+    model.load_state_dict(fit_state(state, model, str(file)), assign=True)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -955,16 +931,10 @@ def load_aesthetic(clip_path=None, head_path=None, *, device="cpu") -> Aesthetic
     patch14 in the Hugging Face cache) and the MLP's state dict sac+logos+ava1-l14-linearMSE.pth (None: looked for
     in $TORCH_HOME/hub/checkpoints/). FileNotFoundError / ValueError with a one-line message."""
     folder = _clip_folder(clip_path, AESTHETIC_CLIP, "the aesthetic predictor")
-    head = Path(head_path or Path(torch.hub.get_dir()) / "checkpoints" / AESTHETIC_HEAD_FILE)  # where LPIPS looks
-    if not head.is_file():
-        raise FileNotFoundError(f"the aesthetic predictor needs {AESTHETIC_HEAD_FILE}; looked for {head}; get it "
-                                f"from {AESTHETIC_HEAD_SOURCE}")
-    try:
-        state = dict(torch.load(head, map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise ValueError(f"{head}: not a torch state dict ({type(e).__name__})") from None
+    head = weight_file(head_path, (AESTHETIC_HEAD_FILE,), "the aesthetic predictor", AESTHETIC_HEAD_SOURCE)
+    state = read_state_dict(head)
     model = AestheticPredictor(_load_clip_vision(folder, "cpu"))
-    model.layers.load_state_dict(_fit(state, model.layers, str(head), "layers."))
+    model.layers.load_state_dict(fit_state(state, model.layers, str(head), "layers."))
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -1278,13 +1248,14 @@ def _load_scorers(args, device) -> dict:
         raise UserError(str(e)) from None
 
 
-def _score_batch(batch: list, scorers: dict) -> list:
+def _score_batch(batch: list, scorers: dict, keep_eos: bool) -> list:
     """CLIPScore and Aesthetics into each (row, rgb, caption) of the batch; returns their FID features."""
     rgbs = [rgb for _, rgb, _ in batch]
     if "clip_score" in scorers:
         with warnings.catch_warnings():  # a caption cut to 77 tokens: counted once, in the summary
             warnings.simplefilter("ignore")
-            scores = clip_score(rgbs, [c for _, _, c in batch], scorers["clip_score"], batch_size=len(rgbs))
+            scores = clip_score(rgbs, [c for _, _, c in batch], scorers["clip_score"], keep_eos=keep_eos,
+                                batch_size=len(rgbs))
         for (row, _, c), score in zip(batch, scores.tolist()):
             row["clip_score"], row["caption_cut"] = score, bool(scorers["clip_score"].tokenize([c])[1][0])
     if "aesthetic" in scorers:
@@ -1369,10 +1340,10 @@ def _evaluate(args) -> dict:
         if scorers:  # the networks run on batches of images
             batch.append((row, rgb, caption[name]))
             if len(batch) == args.batch_size:
-                features += _score_batch(batch, scorers)
+                features += _score_batch(batch, scorers, args.clip_keep_eos)
                 batch = []
     if batch:
-        features += _score_batch(batch, scorers)
+        features += _score_batch(batch, scorers, args.clip_keep_eos)
     if not rows:
         raise UserError(f"{root}: no readable image of at least {GLCM_PATCH}×{GLCM_PATCH} "
                         f"({len(skipped)} file(s) skipped: {skipped[0]['file']}: {skipped[0]['reason']}"
@@ -1488,6 +1459,9 @@ def main(argv=None) -> int:
     protocol.add_argument("--fid", action="store_true", help="FID of the images against --ref (or --ref-stats)")
     protocol.add_argument("--clip-score", action="store_true", help="CLIPScore of each image with its caption "
                           "(--prompts)")
+    protocol.add_argument("--clip-keep-eos", action="store_true", help="end a caption cut to 77 tokens with EOS "
+                          "(OpenAI's clip.tokenize); the paper's torchmetrics 1.5.1 drops it, which reads every cut "
+                          "caption as the same BOS embedding")
     protocol.add_argument("--aesthetics", action="store_true", help="the LAION aesthetic predictor's score")
     protocol.add_argument("--prompts", help="the evaluation set's metadata.jsonl: each image's caption, matched by "
                           "file name without the extension")
