@@ -9,6 +9,12 @@ noise (σ = 2 gray values) as a camera or a decoder leaves it. Both sides get th
     python benchmarks/bench_metrics.py                   # CPU, both sizes
     python benchmarks/bench_metrics.py --device cuda     # ours on the GPU (the reference is CPU-only)
     python benchmarks/bench_metrics.py --sizes 2048 --entropy haralick --threads 1
+
+With --fid: throughput of FID's InceptionV3 features instead (metrics.FIDInceptionV3, fp32, random weights:
+the speed does not depend on them) on batches of random uint8 images, for both resizes:
+
+    python benchmarks/bench_metrics.py --fid                          # 1024² images, batch 8, CPU
+    python benchmarks/bench_metrics.py --fid --sizes 4096 --device cuda
 """
 import argparse
 import math
@@ -70,6 +76,18 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
+def bench_fid(args, device):
+    model = metrics.FIDInceptionV3().requires_grad_(False).eval().to(device)
+    for size in args.sizes:
+        images = torch.randint(0, 256, (args.fid_batch, 3, size, size), dtype=torch.uint8, device=device)
+        for resize in metrics.FID_RESIZES:
+            model.resize = resize
+            model(images[:1])  # warm-up
+            best = min(timed(lambda: model(images), device)[1] for _ in range(args.repeats))
+            print(f"FID features, {size}² uint8, batch {args.fid_batch}, resize={resize}: "
+                  f"{args.fid_batch / best:.2f} images/s ({best / args.fid_batch * 1e3:.0f} ms/image)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
@@ -77,12 +95,19 @@ def main():
     ap.add_argument("--entropy", choices=metrics.GLCM_ENTROPIES, default="distinct")
     ap.add_argument("--repeats", type=int, default=3, help="ours: best of this many runs (after one warm-up)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    ap.add_argument("--fid", action="store_true", help="FID InceptionV3 throughput instead (sizes default 1024)")
+    ap.add_argument("--fid-batch", type=int, default=8, help="with --fid: images per batch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if args.fid:
+        if args.sizes == ap.get_default("sizes"):
+            args.sizes = [1024]
+        with torch.no_grad():
+            return bench_fid(args, device)
     print(f"entropy={args.entropy}; reference: scikit-image graycomatrix + "
           f"{'shannon_entropy' if args.entropy == 'distinct' else 'graycoprops(entropy)'} per patch, one run")
     for size in args.sizes:
