@@ -1,4 +1,5 @@
-"""Image-quality metrics of Diffusion-4K: GLCM score (Eq. 11), compression ratio (Eq. 12), PSNR / SSIM / NMSE, LPIPS.
+"""The evaluation of Diffusion-4K (Tables 1-2): GLCM score (Eq. 11), compression ratio (Eq. 12), FID, CLIPScore,
+Aesthetics; and PSNR / SSIM / NMSE / LPIPS for reconstructions (the SC-VAE's comparisons).
 
 GLCM score (Eq. 11), as the authors' evaluation script computes it (which produced the paper's 0.58–0.80):
   1. grayscale as OpenCV's cvtColor(COLOR_RGB2GRAY) computes it for uint8 (15-bit fixed point);
@@ -22,12 +23,15 @@ PSNR, SSIM (Gaussian window 11, σ = 1.5), NMSE and LPIPS (VGG16, v0.1, in plain
 weight files) compare an image with a reference of the same size. `load_image` reads files as OpenCV's
 imread (the authors' reader) does, as RGB.
 
-CLIPScore (openai/clip-vit-base-patch16) and the LAION aesthetic predictor (on openai/clip-vit-large-patch14)
-score images without a reference, from CLIPModel safetensors folders, as the authors' evaluation computed them.
+FID (torch-fidelity's InceptionV3, as torchmetrics 1.5.1 ran it for the paper), CLIPScore (openai/clip-vit-base-
+patch16) and the LAION aesthetic predictor (on openai/clip-vit-large-patch14) are in plain PyTorch from the
+official weight files, each computed as the authors' evaluation computed it.
 
-CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`.
-Imports `UserError` and `write_json` from vae.py: the scripts' shared error type and atomic JSON writer; and
-from text_encoders.py CLIP's text tower, its encoder layer (shared by the image tower) and tokenizer.
+CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`, and
+the paper's protocol `python metrics.py gen/ --ref eval/ --prompts eval/metadata.jsonl --fid --clip-score
+--aesthetics --size 2048`. Imports `UserError`, `atomic_write` and `write_json` from vae.py: the scripts' shared
+error type and atomic writers; and from text_encoders.py CLIP's text tower, its encoder layer (shared by the
+image tower) and tokenizer.
 """
 import argparse
 import functools
