@@ -23,6 +23,7 @@ every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never 
 Imports vae for UserError, atomic_write, fsync and write_json: one writer for every file of the project.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -49,17 +50,38 @@ STEP = re.compile(r"step-(\d{8})")  # the only checkpoint name that counts (full
 TEMP = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[0-9a-f]{32}\.tmp)?|\.step-\d{8}\.tmp")
 
 
-# ===== Agreement between ranks ================================================================================
+# ===== Ranks: the process group, and their agreement ===========================================================
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
+    (FSDP2 included) runs as a plain `python train_wlf.py train ...` (or train_vae.py)."""
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30)  # saving, or verifying, 12B parameters' optimizer state takes a while
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
+
 
 def on_rank0(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on rank 0 alone; its result (or its vae.UserError) is broadcast, so every rank returns
-    the same value or raises the same one-line error, and none waits forever in a collective."""
+    """fn(*args, **kwargs) on rank 0 alone; its result (or its error: a vae.UserError, or an OSError such as a full
+    disk, named by its file) is broadcast, so every rank returns the same value or raises the same one-line
+    vae.UserError, and none waits forever in a collective."""
     payload = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             payload = [("ok", fn(*args, **kwargs))]
         except vae.UserError as e:
             payload = [("error", str(e))]
+        except OSError as e:
+            where = f"{e.filename}: {e.strerror}" if e.filename else f"{type(e).__name__}: {e}"
+            payload = [("error", f"cannot write {where}")]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
     kind, value = payload[0]
@@ -249,9 +271,10 @@ def check_target(path: Path, what: str) -> None:
         raise vae.UserError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
 
 
-def open_log(run: Path, step: int):
-    """log.jsonl cut back to the records of steps ≤ `step` (those after it are trained again; a line cut by a
-    kill goes too), then opened for appending."""
+def open_log(run: Path, step: int, args: dict):
+    """Write `args` to args.json; return log.jsonl cut back to the records of steps ≤ `step` (those after it are
+    trained again; a line cut by a kill goes too), opened for appending."""
+    vae.write_json(run / "args.json", args)
     path = run / "log.jsonl"
     if path.exists():
         keep = []
@@ -277,8 +300,9 @@ def log_line(file, record: dict) -> None:
 def list_checkpoints(run: Path) -> list[Path]:
     """checkpoints/step-NNNNNNNN folders with a meta.json, oldest first (not verified: see `verify`)."""
     folder = run / "checkpoints"
-    found = [p for p in folder.iterdir() if STEP.fullmatch(p.name) and (p / MARKER).is_file()] if folder.is_dir() else []
-    return sorted(found)  # 8 digits: the names sort as the steps
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STEP.fullmatch(p.name) and (p / MARKER).is_file())  # 8 digits: by step
 
 
 def step_of(path: Path) -> int:
@@ -326,6 +350,25 @@ def seal_checkpoint(tmp: Path, meta: dict, keep: int) -> Path:
     return final
 
 
+def save_state(run: Path, meta: dict, state: dict, keep: int) -> Path:
+    """A checkpoint of one file, state.pt (torch.save of `state`), for ranks that all hold the same state (data
+    parallelism by hand): every rank checks it is finite (an all-reduce), rank 0 writes and seals it."""
+    check_finite(state, f"the checkpoint of step {meta['step']}")
+
+    def write() -> Path:
+        tmp = begin_checkpoint(run, meta["step"])
+        torch.save(state, tmp / "state.pt")
+        return seal_checkpoint(tmp, meta, keep)
+    return on_rank0(write)
+
+
+def load_state(folder: Path) -> dict:
+    try:
+        return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise vae.UserError(f"{folder / 'state.pt'}: unreadable ({str(e).splitlines()[0]})") from None
+
+
 def remove_checkpoint(folder: Path) -> None:
     """meta.json first (made durable), then the rest: a deletion cut short leaves a folder that does not count."""
     (folder / MARKER).unlink(missing_ok=True)
@@ -340,20 +383,26 @@ def verify(folder: Path) -> dict:
         raise vae.UserError(f"{folder}: no such checkpoint folder")
     try:
         meta = json.loads((folder / MARKER).read_text())
-        files = meta["files"]
+        files, sizes = meta["files"], {name: want["bytes"] for name, want in meta["files"].items()}
     except FileNotFoundError:
         raise vae.UserError(f"{folder}: no {MARKER}, not a complete checkpoint") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise vae.UserError(f"{folder / MARKER}: unreadable ({type(e).__name__}: {e})") from None
-    for name, want in files.items():
-        size = (folder / name).stat().st_size if (folder / name).is_file() else None
-        if size != want["bytes"]:
-            found = "missing" if size is None else f"{size} bytes, {MARKER} says {want['bytes']} (truncated?)"
-            raise vae.UserError(f"{folder}: {name} {found}")
+    check_sizes(folder, sizes, MARKER)
     for name, got in checksums(folder, list(files)).items():
         if got["sha256"] != files[name]["sha256"]:
             raise vae.UserError(f"{folder}: {name} does not match its sha256 in {MARKER} (changed on disk)")
     return meta
+
+
+def check_sizes(folder: Path, sizes: dict[str, int | None], source: str) -> None:
+    """vae.UserError naming the first of these files that is missing or not of the size `source` recorded
+    (None: any size) — a truncated file fails here, before hours of work."""
+    for name, want in sizes.items():
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if size is None or size != (want or size):
+            found = "missing" if size is None else f"{size} bytes, {source} says {want} (truncated?)"
+            raise vae.UserError(f"{folder}: {name} {found}")
 
 
 def pick_checkpoint(run: Path, resume: str | None) -> tuple[Path | None, dict | None]:
@@ -384,6 +433,13 @@ def pick_checkpoint(run: Path, resume: str | None) -> tuple[Path | None, dict | 
 
 # ===== What a run was trained on ==============================================================================
 
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise vae.UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
 def digest(obj) -> str:
     """sha256 of a JSON-able value, written canonically."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -398,24 +454,49 @@ def file_stats(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+def files_fingerprint(root: Path, files: list[Path]) -> dict:
+    """A list of data files as a checkpoint records it: names under `root` and sizes (so a copy of the folder
+    elsewhere, with new times, is the same data), their count and total size."""
+    entries = [[p.relative_to(root).as_posix(), file_stats(p)[0]] for p in files]
+    return {"files": digest(entries)[:16], "count": len(files), "bytes": sum(size or 0 for _, size in entries)}
+
+
 def tree_fingerprint(path: Path) -> str:
     """digest of (relative name, size, mtime_ns) of a file or of every file under a folder: weights and tokenizers."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return digest([[p.relative_to(path).as_posix() if path.is_dir() else p.name, *file_stats(p)] for p in files])
 
 
-def require_same(checkpoint: Path, what: str, then: dict | None, now: dict, allowed: bool, flag: str) -> None:
-    """Refuse (one line naming each difference) to continue `checkpoint` with other `what` than it recorded,
-    unless `allowed` (then say so)."""
-    if then == now:
-        return
-    changed = [f"{k}: {(then or {}).get(k)!r} then, {now.get(k)!r} now" for k in sorted({*(then or {}), *now})
-               if (then or {}).get(k) != now.get(k)]
-    if not allowed:
-        raise vae.UserError(f"--resume {checkpoint}: other {what} than it was trained with ({'; '.join(changed)}); "
-                            f"pass {flag} to continue with them")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{flag}: continuing {checkpoint} with other {what} ({'; '.join(changed)})", flush=True)
+def differences(then: dict, now: dict) -> list[str]:
+    """"key: value then, value now" for every key whose value differs."""
+    keys = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in keys]
+
+
+def changed_rows(old: list[list], new: list[list], fields: tuple[str, ...], names: list[str]) -> str:
+    """How two tables of rows differ, in a few words: the count, then the first three rows (names[i]: the fields
+    that differ) — enough for the user to see which lines an edit touched."""
+    changed = [f"{name}: {', '.join(f for f, a, b in zip(fields, then, now) if a != b)}"
+               for name, then, now in zip(names, old, new) if then != now]
+    if len(old) != len(new):
+        changed.append(f"{len(old)} rows then, {len(new)} now")
+    return f"{len(changed)} change(s) ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+
+
+WHAT = {"data": "data", "loss": "loss settings"}
+
+
+def require_same(checkpoint: Path, meta: dict, args, **now: dict) -> None:
+    """Refuse to continue `checkpoint` with other data or loss settings than its meta.json records (keyword
+    `data` / `loss`), in one line naming each difference, unless --allow-data-change / --allow-loss-change."""
+    for key, value in now.items():
+        if changed := differences(meta.get(key) or {}, value):
+            flag = f"--allow-{key}-change"
+            if not getattr(args, flag[2:].replace("-", "_")):
+                raise vae.UserError(f"--resume {checkpoint}: other {WHAT[key]} than it was trained with "
+                                    f"({'; '.join(changed)}); pass {flag} to continue with them")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"{flag}: continuing {checkpoint} with other {WHAT[key]} ({'; '.join(changed)})", flush=True)
 
 
 # ===== Command line ===========================================================================================

@@ -2732,11 +2732,11 @@ def test_train_wlf_damaged_shard_fails_at_the_start(_train_wlf_assets, tmp_path,
     argv = ["train", "--shards", str(shards), "--transformer", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
     shard.write_bytes(original[:-1000])
     line = _train_wlf_error(train_wlf.main, argv, capsys)
-    assert f"shard {shard}: {len(original) - 1000} bytes, manifest.json says {len(original)} (truncated?)" in line
+    assert f"{shards}: {shard.name} {len(original) - 1000} bytes, manifest.json says {len(original)} (truncated?)" in line
     shard.write_bytes(b"\xff" * 8 + original[8:])
     assert f"shard {shard}: unreadable" in _train_wlf_error(train_wlf.main, argv, capsys)
     shard.unlink()
-    assert f"shard {shard}: missing" in _train_wlf_error(train_wlf.main, argv, capsys)
+    assert f"{shards}: {shard.name} missing" in _train_wlf_error(train_wlf.main, argv, capsys)
 
 
 def test_train_wlf_two_ranks_skip_the_same_nan_steps(_train_wlf_assets, tmp_path):
@@ -3029,6 +3029,60 @@ def test_train_vae_torchrun_matches_one_process_and_resumes(_train_vae_assets, t
     assert [r["step"] for r in _train_vae_log(run_c)] == [3, 4]  # the steps it ran
 
 
+def test_train_vae_nan_steps_stop_the_run_and_keep_the_good_checkpoint(_train_vae_assets, tmp_path, capsys):
+    """--lr 1e8: step 1 is finite, then every loss is NaN. The skipped steps save nothing, 3 in a row stop the run
+    with status 2 and one line; the step-1 checkpoint (--keep-checkpoints 1) verifies, loads, and no export exists."""
+    root, run = _train_vae_assets, tmp_path / "run"
+    line = _train_wlf_error(train_vae.main, _train_vae_args(root, run, "--lr", "1e8", "--steps", "8", "--batch-size",
+                                                            "2", "--checkpoint-every", "1", "--keep-checkpoints", "1"),
+                            capsys)
+    assert "step 4: loss or gradient norm not finite in 3 steps in a row" in line and "step-00000001" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    assert runs.verify(run / "checkpoints" / "step-00000001")["step"] == 1
+    state = torch.load(run / "checkpoints" / "step-00000001" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["decoder"].values())
+    assert not (run / "vae-f16.safetensors").exists() and not (run / "vae-f16").exists()
+    assert [r["skipped_updates"] for r in _train_vae_log(run)] == [0, 1, 2]
+
+
+def test_train_vae_resume_checks_data_settings_and_checkpoints(_train_vae_assets, tmp_path, capsys):
+    """--resume refuses other images (another --data) and other loss weights, naming them; a backup copy beside the
+    checkpoints is never read nor rotated; a truncated newest checkpoint is skipped (saying why) and the run
+    continues from the one before, its log holding each step once; an explicit --resume of a damaged checkpoint is
+    one line. A live process holding the lock keeps the run off."""
+    root, run = _train_vae_assets, tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = lambda *extra: _train_vae_args(root, run, "--batch-size", "1", "--checkpoint-every", "1", *extra)
+    train_vae.main(args("--steps", "2"))
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    shutil.copy(data / "img0.png", data / "img9.png")
+    capsys.readouterr()
+    for extra, needle in ((["--data", str(data)], "other data than it was trained with (bytes: "),
+                          (["--lambda-sc", "2"], "other loss settings than it was trained with (lambda_sc: 1.0 then, 2.0 now)")):
+        assert needle in _train_wlf_error(train_vae.main, args("--steps", "3", "--resume", *extra), capsys)
+
+    shutil.copytree(ckpt / "step-00000002", ckpt / "step-00000002-backup")
+    state = ckpt / "step-00000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    line = _train_wlf_error(train_vae.main, args("--steps", "3", "--resume", str(ckpt / "step-00000002")), capsys)
+    assert f"--resume {ckpt / 'step-00000002'}: state.pt" in line and "(truncated?)" in line
+    train_vae.main(args("--steps", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert f"skipped {ckpt / 'step-00000002'}: state.pt" in out and f"resumed from {ckpt / 'step-00000001'}" in out
+    assert [r["step"] for r in _train_vae_log(run)] == [1, 2, 3]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000002", "step-00000002-backup", "step-00000003"]
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "run.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        line = _train_wlf_error(train_vae.main, args("--steps", "4", "--resume"), capsys)
+        assert f"is in use by pid {sleeper.pid} on {socket.gethostname()}" in line
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_train_vae_eval_reports_f8_and_f16_before_and_after(_train_vae_assets, tmp_path):
     """Each row is the round trip of the image's centre square through the autoencoder it names, loaded from the
     file the flags give: "F16 after" is a decoder unlike the pretrained one, so a row taken from the wrong model
@@ -3081,7 +3135,12 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
         ([*good, "--data", str(tmp_path / "nothing")], "no images"),
         ([*good, "--vae", str(tmp_path / "nope.safetensors")], "autoencoder weights not found"),
         ([*good, "--resolution", "30"], "--resolution must be a multiple of 4"),
-        ([*good, "--resume", str(tmp_path / "nope.pt")], "no such checkpoint file"),
+        ([*good, "--resume", str(tmp_path / "nope")], "no such checkpoint folder"),
+        ([*good, "--ema", "1"], "--ema: must be a finite number ≥ 0 and < 1, got '1'"),
+        ([*good, "--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),
+        ([*good, "--lambda-adv=-1"], "--lambda-adv: must be a finite number ≥ 0, got '-1'"),
+        ([*good, "--disc-start=-1"], "--disc-start: must be a whole number of at least 0, got '-1'"),
+        ([*good, "--out", str(root / "ae.safetensors")], "is a file, not a folder"),
         ([a for a in good if a not in ("--out", str(tmp_path / "run"))], "training needs --out"),
         (["--vae", str(root / "ae.safetensors"), "--eval", str(tmp_path / "nothing")], "no images"),
         (["--vae", str(root / "ae.safetensors"), "--eval", str(root / "data"), "--trained", str(tmp_path / "x")],
@@ -3099,4 +3158,4 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
     train_vae.main(_train_vae_args(root, run, "--steps", "1", "--batch-size", "1"))
     with pytest.raises(SystemExit):
         train_vae.main(_train_vae_args(root, run, "--steps", "2", "--batch-size", "2", "--resume"))
-    assert "global batch of 1" in capsys.readouterr().err
+    assert "other data than it was trained with (global_batch: 1 then, 2 now)" in capsys.readouterr().err

@@ -28,8 +28,8 @@ makes no update, --max-bad-steps of them in a row stop the run; verified checkpo
 the loss settings, which --resume must match.
 
 Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
-sample order) and setup_distributed (torchrun or a 1-rank group); runs.py's run folder, checkpoints and
-argument checks; metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
+sample order); runs.py's process group (torchrun or a 1-rank group), run folder, checkpoints and argument
+checks; metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
 """
 import argparse
 import random
@@ -50,7 +50,7 @@ import metrics
 import runs
 import vae
 from runs import number, positive_int, whole_number
-from train_wlf import SampleStream, setup_distributed
+from train_wlf import SampleStream
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,12 +149,13 @@ def discriminator_loss(m: SCVAE, x: Tensor, x_hat: Tensor, gp_weight: float) -> 
 def train(args) -> None:
     if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
         raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = runs.setup_distributed(args.device)
     run, files = Path(args.out), list_images(Path(args.data))
     runs.on_rank0(runs.open_run, run, files=(run / f"{args.export_name}.safetensors",),
                   folders=(run / args.export_name,))  # locked, writable, leftovers of killed runs removed
     # What a checkpoint records and a resume must match: the data (files, crops, order) and the loss.
-    data = runs.on_rank0(data_fingerprint, Path(args.data), files, args)
+    data = {**runs.on_rank0(runs.files_fingerprint, Path(args.data), files), "crop": args.resolution, "seed": args.seed,
+            "global_batch": args.batch_size * world}  # the stream is cut by the global batch (not so in train_wlf)
     loss_settings = {k: getattr(args, k) for k in LOSS_SETTINGS}
     checkpoint, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
     m = load_models(args, device)
@@ -169,12 +170,12 @@ def train(args) -> None:
     say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
     step, bad = 0, runs.BadSteps(args.max_bad_steps, run)
     if checkpoint is not None:
-        step = resume(checkpoint, meta, args, trained, ema, args.batch_size * world, data, loss_settings, bad)
+        runs.require_same(checkpoint, meta, args, data=data, loss=loss_settings)
+        restore(checkpoint, trained, ema)
+        step, bad.skipped = meta["step"], meta["skipped"]
         say(f"resumed from {checkpoint} at step {step}")
-    log_file = None
-    if rank == 0:
-        vae.write_json(run / "args.json", {**vars(args), "world_size": world})
-        log_file = runs.open_log(run, step)  # without the records after `step`: those steps run again
+    # args.json; log.jsonl without the records after `step` (those steps run again)
+    log_file = runs.open_log(run, step, {**vars(args), "world_size": world}) if rank == 0 else None
     b = args.batch_size  # step s, rank r: stream positions (s·world + r)·b + i, so only the global batch matters
     batches = [[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)]
     loader = torch.utils.data.DataLoader(CropStream(files, args.resolution, args.seed), batch_sampler=batches,
@@ -237,9 +238,9 @@ def train(args) -> None:
         # at the last step too, so that a longer run can --resume from it
         saving = stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)
         if saving and not bad.streak:  # none amid skipped updates: they must not rotate the good ones out
-            meta = {"step": step, "global_batch": args.batch_size * world, "data": data, "loss": loss_settings,
-                    "skipped": bad.skipped}
-            say(f"saved {save_checkpoint(run, meta, trained, ema, args.keep_checkpoints)}")
+            meta = {"step": step, "data": data, "loss": loss_settings, "skipped": bad.skipped}
+            state = {"ema": ema, **{k: v.state_dict() for k, v in trained.items()}}  # decoder, D, both optimizers
+            say(f"saved {runs.save_state(run, meta, state, args.keep_checkpoints)}")
             tic = time.perf_counter()  # saving is not training time
         if stopping and step < args.steps:
             say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
@@ -335,48 +336,17 @@ def average_gradients(module: nn.Module) -> None:
 LOSS_SETTINGS = ("lambda_sc", "lambda_lpips", "lambda_adv", "max_adaptive_weight", "disc_start", "gp_weight")
 
 
-def data_fingerprint(root: Path, files: list[Path], args) -> dict:
-    """The data as a checkpoint records it: the image files (names under --data and sizes: a copy of the folder
-    elsewhere is the same data), the crop size and the seed of the order and the crops."""
-    entries = [[p.relative_to(root).as_posix(), runs.file_stats(p)[0]] for p in files]
-    return {"files": runs.digest(entries)[:16], "images": len(files), "bytes": sum(e[1] or 0 for e in entries),
-            "resolution": args.resolution, "seed": args.seed}
-
-
-def save_checkpoint(run: Path, meta: dict, trained: dict, ema: list[Tensor] | None, keep: int) -> Path:
-    """checkpoints/step-N/state.pt (decoder, D, both optimizers, EMA), sealed by runs.seal_checkpoint (checksums,
-    meta.json last, renamed when whole); the oldest beyond `keep` go. NaN or inf anywhere is refused."""
-    state = {"ema": ema, **{k: v.state_dict() for k, v in trained.items()}}
-    runs.check_finite(state, f"the checkpoint of step {meta['step']}")  # on every rank: it is an all-reduce
-
-    def write() -> Path:
-        tmp = runs.begin_checkpoint(run, meta["step"])
-        torch.save(state, tmp / "state.pt")
-        return runs.seal_checkpoint(tmp, meta, keep)
-    return runs.on_rank0(write)
-
-
-def resume(path: Path, meta: dict, args, trained: dict, ema: list[Tensor] | None, global_batch: int, data: dict,
-           loss_settings: dict, bad: runs.BadSteps) -> int:
-    """Restore the verified checkpoint `path`; returns its step. Another global batch would cut the sample
-    stream differently (replaying or skipping data): refused; other data or loss settings unless allowed."""
-    if meta["global_batch"] != global_batch:
-        raise vae.UserError(f"{path} was trained with a global batch of {meta['global_batch']}, this run has "
-                            f"{global_batch}; keep --batch-size × GPUs the same to resume")
-    runs.require_same(path, "data", meta["data"], data, args.allow_data_change, "--allow-data-change")
-    runs.require_same(path, "loss settings", meta["loss"], loss_settings, args.allow_loss_change,
-                      "--allow-loss-change")
+def restore(path: Path, trained: dict, ema: list[Tensor] | None) -> None:
+    """Load the verified checkpoint `path` (runs.save_state's state.pt) into the models, optimizers and EMA."""
+    state = runs.load_state(path)
     try:  # load_state_dict moves the tensors to the models' device
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         for k, v in trained.items():
             v.load_state_dict(state[k])
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise vae.UserError(f"cannot load {path / 'state.pt'} into these models (another --vae or "
-                            f"--disc-channels than the run's?): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise vae.UserError(f"cannot load {path} into these models (another --vae or --disc-channels than the "
+                            f"run's?): {str(e).splitlines()[0]}") from None
     for e, v in zip(ema or [], state["ema"] or []):
         e.copy_(v)
-    bad.skipped = meta["skipped"]
-    return meta["step"]
 
 
 def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None:
@@ -388,12 +358,9 @@ def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None
                 p.copy_(e)
     runs.check_finite(m.student.state_dict(), f"the export {run / name}")  # on every rank: an all-reduce
 
-    def write() -> None:
+    def write() -> None:  # on rank 0 (runs.on_rank0: an OSError is one line naming the file, on every rank)
         for path in (run / f"{name}.safetensors", run / name):
-            try:
-                vae.save_vae(m.student, path)
-            except OSError as e:
-                raise vae.UserError(f"cannot write {path}: {e}") from None
+            vae.save_vae(m.student, path)
         print(f"exported {run / name}.safetensors and {run / name}/ ({'EMA' if ema is not None else 'last'} decoder)")
     runs.on_rank0(write)
 
@@ -484,32 +451,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=4, help="crops per GPU per step")
     p.add_argument("--resolution", type=positive_int, default=512, help="random square crop size (the paper: 512)")
-    p.add_argument("--lr", type=number(0, above=True), default=1e-5, help="AdamW learning rate of the decoder (the paper: 1e-5)")
+    p.add_argument("--lr", type=number(0, above=True), default=1e-5, help="AdamW lr of the decoder (the paper: 1e-5)")
     p.add_argument("--disc-lr", type=number(0, above=True), help="discriminator learning rate (default: --lr)")
     p.add_argument("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
     p.add_argument("--gan-betas", action="store_true", help="Adam betas (0.5, 0.9) instead of (0.9, 0.999)")
     p.add_argument("--max-grad-norm", type=number(0), default=1.0, help="gradient clipping of decoder and D (0: off)")
     p.add_argument("--lambda-sc", type=number(0), default=1.0, help="weight of the scale-consistency loss, Eq. 1")
     p.add_argument("--lambda-lpips", type=number(0), default=0.1, help="weight of LPIPS")
-    p.add_argument("--lambda-adv", type=number(0), default=0.05, help="weight of the adaptive adversarial loss (0: no GAN)")
-    p.add_argument("--max-adaptive-weight", type=number(0, above=True), default=1e4, help="clamp of the adaptive weight w")
+    p.add_argument("--lambda-adv", type=number(0), default=0.05, help="weight of the adaptive GAN loss (0: no GAN)")
+    p.add_argument("--max-adaptive-weight", type=number(0, above=True), default=1e4, help="clamp of the adaptive w")
     p.add_argument("--disc-start", type=whole_number, default=0, help="step from which D trains and L_adv counts")
     p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512], help="widths of D's convs")
-    p.add_argument("--gp-weight", type=number(0), default=0.0, help="gradient penalty γ on real images (the authors: 10)")
-    p.add_argument("--ema", type=number(0, 1, below=True), default=0.9999, help="EMA decay of the exported decoder (0: off)")
+    p.add_argument("--gp-weight", type=number(0), default=0.0, help="gradient penalty γ on real images (theirs: 10)")
+    p.add_argument("--ema", type=number(0, 1, below=True), default=0.9999, help="EMA decay of the export (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="compute dtype (bf16 autocast; weights and optimizer stay fp32). The paper: fp32")
     p.add_argument("--lpips-vgg", help="torchvision's vgg16-397923af.pth (default: the torch hub cache)")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth (default: the torch hub cache, an installed lpips)")
     p.add_argument("--checkpoint-every", type=whole_number, default=1000, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest",
-                   help="continue from a checkpoint folder (no value: --out's newest that verifies)")
+    p.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder; alone: --out's newest good one")
     p.add_argument("--allow-data-change", action="store_true", help="--resume on other images, crops or seed")
     p.add_argument("--allow-loss-change", action="store_true", help="--resume with other loss weights")
-    p.add_argument("--max-bad-steps", type=positive_int, default=3,
-                   help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
-    p.add_argument("--stop-after", type=positive_int, help="save a checkpoint and exit after this step (job time limits)")
+    p.add_argument("--max-bad-steps", type=positive_int, default=3, help="stop after N non-finite steps in a row")
+    p.add_argument("--stop-after", type=positive_int, help="save a checkpoint, exit after this step (job time limits)")
     p.add_argument("--export-name", default="vae-f16", help="name of the exported autoencoder under --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, crops and D's initialization")
     p.add_argument("--workers", type=whole_number, default=4, help="image decoding processes per GPU")

@@ -30,11 +30,11 @@ settings, and --resume takes the newest one that verifies and refuses other data
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
 From the other scripts: `metrics.load_image`, the one image reader (EXIF orientation, alpha dropped, 16-bit
-high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's `UserError`, `atomic_write`, `write_json`;
-runs.py, the run-folder machinery shared with train_vae.py (lock, checkpoints, fingerprints, the CLI's errors).
+high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's
+`UserError`, `atomic_write`, `write_json`; runs.py, the machinery shared with train_vae.py (process group,
+run folder, checkpoints, fingerprints, argument checks, one-line errors).
 """
 import argparse
-import datetime
 import json
 import os
 import random
@@ -64,6 +64,7 @@ import runs
 import text_encoders
 import vae
 import wavelet
+from runs import number, positive_int, whole_number
 
 SHARD_FORMAT = "diffusion4k-wlf-shards"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,7 +131,7 @@ def velocity_fn(model: nn.Module, context: Tensor, pooled: Tensor, guidance: flo
 def train(args) -> None:
     # Our output is reshaped, not modified in place, so FSDP's pre-backward hook on it stays intact.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = runs.setup_distributed(args.device)
     say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
     run = Path(args.out)
     export = run / (args.export_name or "transformer.safetensors")
@@ -144,9 +145,7 @@ def train(args) -> None:
     loss_settings = {**asdict(objective), "band_weights": list(objective.band_weights), "guidance": args.guidance}
     resume, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
     if resume is not None:
-        runs.require_same(resume, "data", meta.get("data"), data, args.allow_data_change, "--allow-data-change")
-        runs.require_same(resume, "loss settings", meta.get("loss"), loss_settings, args.allow_loss_change,
-                          "--allow-loss-change")
+        runs.require_same(resume, meta, args, data=data, loss=loss_settings)
 
     model, full_state = build_on_meta(args.transformer, rank)  # rank 0 alone reads the file
     family = "flux" if isinstance(model, mmdit.Flux) else "sd3"
@@ -184,8 +183,7 @@ def train(args) -> None:
     peak = args.peak_tflops or gpu_peak_tflops(device)
     log_file = None
     if rank == 0:
-        vae.write_json(run / "args.json", vars(args))
-        log_file = runs.open_log(run, step)  # without the records after `step`: those steps run again
+        log_file = runs.open_log(run, step, vars(args))  # args.json; log.jsonl without the records after `step`
         n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
         print(f"{family}, {n / 1e6:,.1f} M parameters; {len(shards)} samples; global batch {global_batch} = {world} "
               f"rank(s) × {args.batch_size} × {args.grad_accum} accumulation; {tokens} tokens/sample", flush=True)
@@ -275,7 +273,8 @@ def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
             bad.append({"file_name": f"metadata.jsonl:{number}", "reason": reason})
             print(f"skipped {path}:{number}: {reason}", flush=True)
     if not rows:
-        raise vae.UserError(f"{path}: no usable line" + (f" ({bad[0]['file_name']}: {bad[0]['reason']})" if bad else ""))
+        first = f" ({bad[0]['file_name']}: {bad[0]['reason']})" if bad else ""
+        raise vae.UserError(f"{path}: no usable line{first}")
     return rows, bad
 
 
@@ -356,13 +355,6 @@ def load_conditioner(args, t5_length: int, device: torch.device, dtype: torch.dt
         raise vae.UserError(f"cannot load the text encoders: {e}") from None
 
 
-def read_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise vae.UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-
-
 def encoder_files(args) -> dict[str, str]:
     """Fingerprints (names, sizes, times) of the weight and tokenizer files precompute reads, by path."""
     paths = [args.vae, args.clip_l, args.clip_g, args.t5, args.clip_l_tokenizer, args.clip_g_tokenizer,
@@ -376,23 +368,15 @@ def encoder_files(args) -> dict[str, str]:
 def check_same_job(out: Path, manifest: dict, settings: dict, table: list, rows: list[dict]) -> None:
     """Continue (or call complete) only the job `manifest` was made by: the same settings and encoder files,
     and the same data row for row (file name, size, mtime, caption). Otherwise one line says what changed."""
-    if changed := [f"{k}: {manifest.get(k)!r} then, {v!r} now" for k, v in settings.items() if manifest.get(k) != v]:
+    if changed := runs.differences({k: manifest.get(k) for k in settings}, settings):
         raise vae.UserError(f"{out} holds shards made with other settings ({'; '.join(changed)}); use another --out "
                             "or --overwrite")
-    if manifest["rows"] == runs.digest(table):
-        return
-    try:
-        old = json.loads((out / "rows.json").read_text())
-    except (OSError, ValueError):
-        old = []
-    fields = ("file name", "file size", "file time", "caption")
-    changed = [f"line {row['line']} ({new[0]}): {', '.join(f for f, a, b in zip(fields, then, new) if a != b)}"
-               for row, then, new in zip(rows, old, table) if then != new]
-    if len(old) != len(table):
-        changed.append(f"{len(old)} rows then, {len(table)} now")
-    raise vae.UserError(f"{out} holds shards of other data: {len(changed)} change(s) in {manifest['data']} "
-                        f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); precompute it again with "
-                        "--overwrite, or use another --out")
+    if manifest.get("rows") != runs.digest(table):
+        old = runs.read_json(out / "rows.json") if (out / "rows.json").is_file() else []
+        names = [f"line {row['line']} ({row['file_name']})" for row in rows]
+        changes = runs.changed_rows(old, table, ("file name", "file size", "file time", "caption"), names)
+        raise vae.UserError(f"{out} holds shards of other data: {changes} in {settings['data']}; precompute it "
+                            "again with --overwrite, or use another --out")
 
 
 def precompute(args) -> None:
@@ -426,7 +410,7 @@ def precompute(args) -> None:
         for f in [path, out / "rows.json", *out.glob("shard-*.safetensors")]:
             f.unlink(missing_ok=True)
     if path.is_file():
-        manifest = read_manifest(path)
+        manifest = runs.read_json(path)
     else:  # a new job: what each row was made from goes beside the shards, its digest into the manifest
         manifest = {"format": SHARD_FORMAT, "version": 2, **settings, "rows": runs.digest(table), "complete": False,
                     "shards": [], "num_samples": 0, "next_row": 0, "skipped": []}
@@ -487,17 +471,14 @@ class LatentShards:
         self.folder = Path(folder)
         if not (path := self.folder / "manifest.json").is_file():
             raise vae.UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
-        self.manifest = read_manifest(path)
+        self.manifest = runs.read_json(path)
         if self.manifest.get("format") != SHARD_FORMAT or not self.manifest.get("complete"):
             raise vae.UserError(f"{path} is not a complete {SHARD_FORMAT} manifest; if precompute was interrupted, "
                                 "run the same command again")
         self.fingerprint = runs.digest(self.manifest)[:16]  # the shards' identity, recorded in every checkpoint
         files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        runs.check_sizes(self.folder, {s["file"]: s.get("bytes") for s in self.manifest["shards"]}, "manifest.json")
         for file, shard in zip(files, self.manifest["shards"]):  # a damaged shard fails now, not hours in
-            size = file.stat().st_size if file.is_file() else None
-            if size is None or size != shard.get("bytes", size):
-                found = "missing" if size is None else f"{size} bytes, manifest.json says {shard['bytes']} (truncated?)"
-                raise vae.UserError(f"shard {file}: {found}")
             try:
                 with safe_open(str(file), "pt") as f:
                     count = f.get_slice("latents").get_shape()[0]
@@ -538,24 +519,7 @@ class SampleStream:
         return self._perm[i]
 
 
-# ===== Distributed set-up, and the transformer built on the meta device =======================================
-
-def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
-    (FSDP2 included) runs as a plain `python train_wlf.py train ...`."""
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=30)  # saving 12B parameters of optimizer state takes a while
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), device
-
+# ===== The transformer built on the meta device ================================================================
 
 def meta_model(params, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The transformer of `params` on the meta device: shapes without memory."""
@@ -629,10 +593,7 @@ def export_model(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
 
 def write_transformer(model: nn.Module, path: Path) -> None:
     """mmdit.save_transformer through vae.atomic_write: fsynced, and a kill leaves a temp name runs.py cleans."""
-    try:
-        vae.atomic_write(path, lambda tmp: mmdit.save_transformer(model, tmp))
-    except OSError as e:
-        raise vae.UserError(f"cannot write {path}: {e}") from None
+    vae.atomic_write(path, lambda tmp: mmdit.save_transformer(model, tmp))
 
 
 def export_checkpoint(args) -> None:
@@ -647,7 +608,7 @@ def export_checkpoint(args) -> None:
     warnings.filterwarnings("ignore", message=".*load in a single process")  # it is
     load_checkpoint(folder, model)  # in place into the model's tensors; reassembles the shards of any world size
     runs.check_finite(model.state_dict(), f"the export {out}")
-    write_transformer(model.to(DTYPES[args.dtype]), out)
+    runs.on_rank0(write_transformer, model.to(DTYPES[args.dtype]), out)  # an OSError: one line naming the file
     print(f"exported {out} ({args.dtype}, official {type(model).__name__} layout) from {folder} (step {meta['step']})")
 
 
@@ -822,7 +783,7 @@ def check_resolution(resolution: int, factor: int) -> None:
 def _band_weights(text: str) -> list[float]:
     if len(text.split(",")) != 4:
         raise argparse.ArgumentTypeError("give 4 comma-separated numbers w_LL,w_LH,w_HL,w_HH, e.g. 1,1,1,1")
-    weights = [runs.number(0)(w) for w in text.split(",")]  # each finite and ≥ 0: a negative one has no minimum
+    weights = [number(0)(w) for w in text.split(",")]  # each finite and ≥ 0: a negative one has no minimum
     if not any(weights):
         raise argparse.ArgumentTypeError(f"all four are 0 in {text!r}: nothing would be learned")
     return weights
@@ -845,13 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5-XXL v1.1 encoder (transformers folder or safetensors file)")
     for name in ("clip-l", "clip-g", "t5"):
         p.add_argument(f"--{name}-tokenizer", help=f"{name.upper()} tokenizer folder (default: the --{name} folder)")
-    p.add_argument("--t5-tokens", type=runs.positive_int, help="T5 sequence length (default: as sample.py, 512 flux-dev, else 256)")
-    p.add_argument("--resolution", type=runs.positive_int, default=4096, help="square crop size after resizing the shorter side")
+    p.add_argument("--t5-tokens", type=positive_int, help="T5 length (default: as sample.py, 512 flux-dev, else 256)")
+    p.add_argument("--resolution", type=positive_int, default=4096, help="square crop after resizing the shorter side")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
-    p.add_argument("--batch-size", type=runs.positive_int, default=1, help="images per VAE call")
-    p.add_argument("--workers", type=runs.whole_number, default=4, help="image decoding processes")
-    p.add_argument("--shard-size", type=runs.positive_int, default=256, help="samples per shard file")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per VAE call")
+    p.add_argument("--workers", type=whole_number, default=4, help="image decoding processes")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard file")
     p.add_argument("--store-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the stored tensors")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="encoder compute dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", help="default cuda if available")
@@ -862,52 +823,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", help="folder written by `precompute`")
     t.add_argument("--transformer", help="transformer weights: flux1-dev.safetensors, sd3 checkpoint, diffusers folder")
     t.add_argument("--out", help="run folder: checkpoints/, log.jsonl, args.json, transformer.safetensors")
-    t.add_argument("--steps", type=runs.positive_int, default=20000, help="optimizer steps (the authors: 20k)")
-    t.add_argument("--batch-size", type=runs.positive_int, default=4, help="samples per GPU per micro-step (the authors: 4)")
-    t.add_argument("--grad-accum", type=runs.positive_int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--max-samples", type=runs.positive_int, help="use only the first N samples (e.g. overfit one batch)")
+    t.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps (the authors: 20k)")
+    t.add_argument("--batch-size", type=positive_int, default=4, help="samples per GPU per micro-step (the authors: 4)")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    t.add_argument("--max-samples", type=positive_int, help="use only the first N samples (e.g. overfit one batch)")
     t.add_argument("--seed", type=int, default=0, help="seed of the sample order, noise and timesteps")
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="compute dtype (the state: fp32)")
     t.add_argument("--no-activation-checkpointing", action="store_true")
-    t.add_argument("--checkpoint-every", type=runs.whole_number, default=1000, help="steps between checkpoints (0: none)")
-    t.add_argument("--keep-checkpoints", type=runs.positive_int, default=2, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", nargs="?", const="latest",
-                   help="from a checkpoint folder; alone: the newest of --out that verifies")
+    t.add_argument("--checkpoint-every", type=whole_number, default=1000, help="steps between checkpoints (0: none)")
+    t.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many recent checkpoints to keep")
+    t.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder; alone: --out's newest good one")
     t.add_argument("--allow-data-change", action="store_true", help="--resume on other shards, samples or seed")
     t.add_argument("--allow-loss-change", action="store_true", help="--resume with another objective or guidance")
-    t.add_argument("--max-bad-steps", type=runs.positive_int, default=3,
-                   help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
-    t.add_argument("--stop-after", type=runs.positive_int, help="save a checkpoint and exit after this step (job time limits)")
+    t.add_argument("--max-bad-steps", type=positive_int, default=3, help="stop after N non-finite steps in a row")
+    t.add_argument("--stop-after", type=positive_int, help="save a checkpoint, exit after this step (job time limits)")
     t.add_argument("--export-dtype", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--export-name", help="file name of the final export (default transformer.safetensors)")
-    t.add_argument("--log-every", type=runs.positive_int, default=10)
-    t.add_argument("--peak-tflops", type=runs.number(0, above=True), help="per-GPU peak for the MFU estimate (default: known GPUs)")
+    t.add_argument("--log-every", type=positive_int, default=10)
+    t.add_argument("--peak-tflops", type=number(0, above=True), help="per-GPU peak for MFU (default: known GPUs)")
     t.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--no-progress", action="store_true")
     g = t.add_argument_group("AdamW (defaults: the paper's)")
-    g.add_argument("--lr", type=runs.number(0, above=True), default=1e-6, help="learning rate, constant after the warm-up")
-    g.add_argument("--warmup-steps", type=runs.whole_number, default=0, help="linear warm-up")
-    g.add_argument("--weight-decay", type=runs.number(0), default=1e-4)
-    g.add_argument("--beta1", type=runs.number(0, 1, below=True), default=0.9)
-    g.add_argument("--beta2", type=runs.number(0, 1, below=True), default=0.999)
-    g.add_argument("--max-grad-norm", type=runs.number(0), default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--lr", type=number(0, above=True), default=1e-6, help="learning rate, constant after warm-up")
+    g.add_argument("--warmup-steps", type=whole_number, default=0, help="linear warm-up")
+    g.add_argument("--weight-decay", type=number(0), default=1e-4)
+    g.add_argument("--beta1", type=number(0, 1, below=True), default=0.9)
+    g.add_argument("--beta2", type=number(0, 1, below=True), default=0.999)
+    g.add_argument("--max-grad-norm", type=number(0), default=1.0, help="gradient clipping (0: off)")
     g = t.add_argument_group("the objective (Eq. 10) and its timesteps")
     g.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="wlf: Eq. 10 on x̂0; mse: velocity MSE")
     g.add_argument("--band-weights", type=_band_weights, default=[1.0] * 4, help="w_LL,w_LH,w_HL,w_HH (1,1,1,1: x0 MSE)")
-    g.add_argument("--wavelet-levels", type=runs.positive_int, default=1)
+    g.add_argument("--wavelet-levels", type=positive_int, default=1)
     g.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform", help="t sampling")
-    g.add_argument("--logit-mean", type=runs.number(), default=0.0, help="logit-normal: mean m of logit(t)")
-    g.add_argument("--logit-std", type=runs.number(0, above=True), default=1.0, help="logit-normal: std s of logit(t)")
-    g.add_argument("--shift", type=runs.number(0, above=True), default=1.0, help="t ← s·t/(1+(s−1)·t); 1 = no shift")
-    g.add_argument("--guidance", type=runs.number(), default=3.5, help="Flux-dev's guidance input during training")
+    g.add_argument("--logit-mean", type=number(), default=0.0, help="logit-normal: mean m of logit(t)")
+    g.add_argument("--logit-std", type=number(0, above=True), default=1.0, help="logit-normal: std s of logit(t)")
+    g.add_argument("--shift", type=number(0, above=True), default=1.0, help="t ← s·t/(1+(s−1)·t); 1: no shift")
+    g.add_argument("--guidance", type=number(), default=3.5, help="Flux-dev's guidance input during training")
     g = t.add_argument_group("--dry-run: print the per-GPU memory plan and exit (no weights, no GPU)")
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--model", help="config name (flux-dev, sd3-medium, ...; default: the shards')")
-    g.add_argument("--resolution", type=runs.positive_int, default=4096, help="image size")
+    g.add_argument("--resolution", type=positive_int, default=4096, help="image size")
     g.add_argument("--f16", action="store_true", help="F16 autoencoder (default F8)")
-    g.add_argument("--text-tokens", type=runs.positive_int, help="context length (default: as precompute encodes)")
-    g.add_argument("--world-size", type=runs.positive_int, help="number of GPUs (default $WORLD_SIZE or 1)")
-    g.add_argument("--gpu-memory", type=runs.number(0, above=True), default=80, help="GiB per GPU")
+    g.add_argument("--text-tokens", type=positive_int, help="context length (default: as precompute encodes)")
+    g.add_argument("--world-size", type=positive_int, help="number of GPUs (default $WORLD_SIZE or 1)")
+    g.add_argument("--gpu-memory", type=number(0, above=True), default=80, help="GiB per GPU")
 
     e = commands.add_parser("export", help="write one checkpoint as an official-layout safetensors file")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-NNNNNNNN folder of a run")
