@@ -80,14 +80,18 @@ def on_rank0(fn, *args, **kwargs):
         except vae.UserError as e:
             payload = [("error", str(e))]
         except OSError as e:
-            where = f"{e.filename}: {e.strerror}" if e.filename else f"{type(e).__name__}: {e}"
-            payload = [("error", f"cannot write {where}")]
+            payload = [("error", file_error(e))]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
     kind, value = payload[0]
     if kind == "error":
         raise vae.UserError(value)
     return value
+
+
+def file_error(e: OSError) -> str:
+    """An OSError in one line that names its file: "PATH: No space left on device"."""
+    return f"{e.filename}: {e.strerror}" if e.filename else f"{type(e).__name__}: {e}"
 
 
 def agree(flag: bool) -> bool:
@@ -407,8 +411,9 @@ def check_sizes(folder: Path, sizes: dict[str, int | None], source: str) -> None
 
 def pick_checkpoint(run: Path, resume: str | None) -> tuple[Path | None, dict | None]:
     """(checkpoint, its meta) to continue from, verified. --resume PATH: that one, or a one-line error;
-    --resume alone ("latest"): the newest of the run that verifies, naming each one skipped and why;
-    no --resume: none, and a run folder that already holds checkpoints is refused (it would be trained over)."""
+    --resume alone ("latest"): the newest of the run that verifies, naming each one skipped and why (none yet:
+    start); no --resume: none, and a run folder that already holds checkpoints is refused (it would be trained
+    over, as it would be if none of them verified)."""
     found = list_checkpoints(run)
     if resume is None:
         if found:
@@ -427,7 +432,10 @@ def pick_checkpoint(run: Path, resume: str | None) -> tuple[Path | None, dict | 
             print(f"--resume: skipped {e}", flush=True)
             continue
         return path, meta
-    print(f"--resume: no complete checkpoint under {run / 'checkpoints'}; starting from the start", flush=True)
+    if found:  # starting over would train over them: the user decides
+        raise vae.UserError(f"--resume: none of the {len(found)} checkpoints under {run / 'checkpoints'} verifies "
+                            "(see above); move them away to start from the start")
+    print(f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from the start", flush=True)
     return None, None
 
 
@@ -539,12 +547,16 @@ def number(low: float = -math.inf, high: float = math.inf, *, above: bool = Fals
 
 
 def run_command(command, args) -> None:
-    """command(args); a vae.UserError ends the process with its one-line message and status 2. The run lock and the
-    process group (torchrun's or the 1-rank one) are released either way."""
+    """command(args); a vae.UserError, or an OSError (a file that cannot be read or written: full disk, permissions),
+    ends the process with one line naming it and status 2. The run lock and the process group (torchrun's or the
+    1-rank one) are released either way."""
     try:
         command(args)
     except vae.UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {file_error(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         unlock_all()

@@ -2364,7 +2364,8 @@ def test_train_wlf_fsdp_matches_single_process_and_resumes(_train_wlf_assets, tm
     """Flux-dev (guidance embedding), WLF loss, fp32:
     A: torchrun 2 ranks × batch 1, FSDP2 + activation checkpointing, 6 steps, checkpoints at 3 and 6, export;
     B: one process without torchrun, batch 1 × 2 accumulation steps, no checkpointing: the same global batch;
-    C: torchrun 2 ranks resuming A's step-3 checkpoint (beside a half-written save) up to step 6."""
+    C: torchrun 2 ranks resuming from A's step-3 checkpoint (beside a half-written save, and A's step 6 with a byte
+    changed, which rank 0 skips for both ranks) up to step 6."""
     root = _train_wlf_assets
     run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     clip = ["--max-grad-norm", "0.05"]  # below the gradient norms here (0.09-0.4): DTensor clipping is active
@@ -2372,13 +2373,19 @@ def test_train_wlf_fsdp_matches_single_process_and_resumes(_train_wlf_assets, tm
                                          "--checkpoint-every", "3", "--keep-checkpoints", "2"), 2, tmp_path)
     _train_wlf_run(_train_wlf_train_args(root, "flux", run_b, "--steps", "6", "--batch-size", "1", "--grad-accum", "2",
                                          *clip, "--checkpoint-every", "0", "--no-activation-checkpointing"), 1, tmp_path)
-    (run_c / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_a / "checkpoints" / "step-00000003", run_c / "checkpoints" / "step-00000003")
+    for step in ("00000003", "00000006"):
+        shutil.copytree(run_a / "checkpoints" / f"step-{step}", run_c / "checkpoints" / f"step-{step}")
+    shard = run_c / "checkpoints" / "step-00000006" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
     (run_c / "checkpoints" / ".step-00000005.tmp").mkdir()  # a save that crashed half-way: never picked
     (run_c / "checkpoints" / ".step-00000005.tmp" / "__0_0.distcp").write_bytes(b"partial")
     result = _train_wlf_run(_train_wlf_train_args(root, "flux", run_c, "--steps", "6", "--batch-size", "1", *clip,
                                                   "--checkpoint-every", "3", "--resume"), 2, tmp_path)
+    assert "step-00000006: __1_0.distcp does not match its sha256" in result.stdout
     assert "resumed from" in result.stdout and "step 3" in result.stdout
+    assert not (run_c / "checkpoints" / ".step-00000005.tmp").exists()
 
     log_a, log_b = _train_wlf_log(run_a), _train_wlf_log(run_b)
     assert [r["step"] for r in log_a] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in log_a)
@@ -2677,6 +2684,10 @@ def test_train_wlf_resume_skips_damaged_checkpoints(_train_wlf_assets, tmp_path,
     shutil.copy(ckpt / "step-00000003" / "__0_0.distcp", ckpt / "step-00000004" / "__0_0.distcp")
     line = _train_wlf_error(train_wlf.main, args("--steps", "5", "--resume", str(ckpt / "step-00000004")), capsys)
     assert line.startswith(f"error: --resume {ckpt / 'step-00000004'}: __0_0.distcp ")
+    for step in ("00000002", "00000003"):  # none left that verifies: not trained over, the user decides
+        (ckpt / f"step-{step}" / "__0_0.distcp").write_bytes(b"")
+    line = _train_wlf_error(train_wlf.main, args("--steps", "5", "--resume"), capsys)
+    assert f"none of the 3 checkpoints under {ckpt} verifies" in line
 
 
 def test_train_wlf_lock_keeps_a_second_run_off_and_leftovers_go(_train_wlf_assets, tmp_path, capsys):

@@ -262,16 +262,16 @@ def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
     except OSError as e:
         raise vae.UserError(f"cannot read {path}: {e.strerror or e}") from None
     rows, bad = [], []
-    for number, line in enumerate(lines, 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
-            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"]), "line": number})
+            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"]), "line": lineno})
         except (ValueError, KeyError, TypeError) as e:
             reason = f"bad line ({type(e).__name__}: {e})".splitlines()[0]
-            bad.append({"file_name": f"metadata.jsonl:{number}", "reason": reason})
-            print(f"skipped {path}:{number}: {reason}", flush=True)
+            bad.append({"file_name": f"metadata.jsonl:{lineno}", "reason": reason})
+            print(f"skipped {path}:{lineno}: {reason}", flush=True)
     if not rows:
         first = f" ({bad[0]['file_name']}: {bad[0]['reason']})" if bad else ""
         raise vae.UserError(f"{path}: no usable line{first}")
@@ -498,7 +498,10 @@ class LatentShards:
         out: dict[str, list[Tensor]] = {"latents": [], "context": [], "pooled": []}
         for file, i in (self.index[index] for index in indices):
             if file not in self._open:
-                self._open[file] = safe_open(str(file), "pt")
+                try:
+                    self._open[file] = safe_open(str(file), "pt")
+                except (SafetensorError, OSError) as e:  # changed since the check at the start
+                    raise vae.UserError(f"shard {file}: unreadable ({e})") from None
             for name in out:
                 out[name].append(self._open[file].get_slice(name)[i : i + 1])
         return {name: torch.cat(values) for name, values in out.items()}
