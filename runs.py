@@ -494,10 +494,11 @@ def changed_rows(old: list[list], new: list[list], fields: tuple[str, ...], name
 WHAT = {"data": "data", "loss": "loss settings"}
 
 
-def require_same(checkpoint: Path, meta: dict, args, **now: dict) -> None:
+def require_same(checkpoint: Path | None, meta: dict | None, args, **now: dict) -> None:
     """Refuse to continue `checkpoint` with other data or loss settings than its meta.json records (keyword
-    `data` / `loss`), in one line naming each difference, unless --allow-data-change / --allow-loss-change."""
-    for key, value in now.items():
+    `data` / `loss`), in one line naming each difference, unless --allow-data-change / --allow-loss-change.
+    No checkpoint (None): nothing to compare."""
+    for key, value in now.items() if checkpoint is not None else ():
         if changed := differences(meta.get(key) or {}, value):
             flag = f"--allow-{key}-change"
             if not getattr(args, flag[2:].replace("-", "_")):

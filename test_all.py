@@ -2634,6 +2634,8 @@ def test_train_wlf_resume_refuses_other_data_or_loss(_train_wlf_assets, tmp_path
     root, run = _train_wlf_assets, tmp_path / "run"
     args = lambda *extra: _train_wlf_train_args(root, "flux", run, "--batch-size", "1", "--checkpoint-every", "1", *extra)
     train_wlf.main(args("--steps", "1"))
+    line = _train_wlf_error(train_wlf.main, args("--steps", "2"), capsys)  # --resume forgotten: not trained over
+    assert f"{run} already holds checkpoints (newest step-00000001): continue it with --resume" in line
     other = tmp_path / "other"
     train_wlf.main(_train_wlf_precompute_args(root, root / "data", other, "--seed", "1"))
     capsys.readouterr()

@@ -158,6 +158,7 @@ def train(args) -> None:
             "global_batch": args.batch_size * world}  # the stream is cut by the global batch (not so in train_wlf)
     loss_settings = {k: getattr(args, k) for k in LOSS_SETTINGS}
     checkpoint, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
+    runs.require_same(checkpoint, meta, args, data=data, loss=loss_settings)
     m = load_models(args, device)
     if args.resolution % m.student.factor:
         raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
@@ -170,7 +171,6 @@ def train(args) -> None:
     say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
     step, bad = 0, runs.BadSteps(args.max_bad_steps, run)
     if checkpoint is not None:
-        runs.require_same(checkpoint, meta, args, data=data, loss=loss_settings)
         restore(checkpoint, trained, ema)
         step, bad.skipped = meta["step"], meta["skipped"]
         say(f"resumed from {checkpoint} at step {step}")

@@ -144,8 +144,7 @@ def train(args) -> None:
     data = {"shards": shards.fingerprint, "samples": len(shards), "seed": args.seed}
     loss_settings = {**asdict(objective), "band_weights": list(objective.band_weights), "guidance": args.guidance}
     resume, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
-    if resume is not None:
-        runs.require_same(resume, meta, args, data=data, loss=loss_settings)
+    runs.require_same(resume, meta, args, data=data, loss=loss_settings)
 
     model, full_state = build_on_meta(args.transformer, rank)  # rank 0 alone reads the file
     family = "flux" if isinstance(model, mmdit.Flux) else "sd3"
