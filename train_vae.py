@@ -250,6 +250,7 @@ def train(args) -> None:
         log_file.close()
     if step >= args.steps:
         export_f16(m, ema, run, args.export_name)
+    dist.barrier()  # every rank is done before the process group is destroyed (gloo's teardown races otherwise)
 
 
 def load_models(args, device: torch.device) -> SCVAE:

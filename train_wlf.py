@@ -246,6 +246,7 @@ def train(args) -> None:
         say(f"exported {export} ({args.export_dtype}, official {family} layout)")
     if log_file:
         log_file.close()
+    dist.barrier()  # every rank is done before the process group is destroyed (gloo's teardown races otherwise)
 
 
 # ===== Data: images + metadata.jsonl (Aesthetic-4K's format) -> precompute -> shards + manifest.json ==========
