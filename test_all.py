@@ -9,9 +9,11 @@ import math
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 import warnings
 
 from PIL import Image
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 import metrics
 import mmdit
+import runs
 import sample
 import text_encoders
 import text_encoders as te
@@ -3333,7 +3336,8 @@ def test_train_wlf_fsdp_matches_single_process_and_resumes(_train_wlf_assets, tm
     """Flux-dev (guidance embedding), WLF loss, fp32:
     A: torchrun 2 ranks × batch 1, FSDP2 + activation checkpointing, 6 steps, checkpoints at 3 and 6, export;
     B: one process without torchrun, batch 1 × 2 accumulation steps, no checkpointing: the same global batch;
-    C: torchrun 2 ranks resuming A's step-3 checkpoint (beside a half-written save) up to step 6."""
+    C: torchrun 2 ranks resuming from A's step-3 checkpoint (beside a half-written save, and A's step 6 with a byte
+    changed, which rank 0 skips for both ranks) up to step 6."""
     root = _train_wlf_assets
     run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     clip = ["--max-grad-norm", "0.05"]  # below the gradient norms here (0.09-0.4): DTensor clipping is active
@@ -3341,13 +3345,19 @@ def test_train_wlf_fsdp_matches_single_process_and_resumes(_train_wlf_assets, tm
                                          "--checkpoint-every", "3", "--keep-checkpoints", "2"), 2, tmp_path)
     _train_wlf_run(_train_wlf_train_args(root, "flux", run_b, "--steps", "6", "--batch-size", "1", "--grad-accum", "2",
                                          *clip, "--checkpoint-every", "0", "--no-activation-checkpointing"), 1, tmp_path)
-    (run_c / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_a / "checkpoints" / "step-00000003", run_c / "checkpoints" / "step-00000003")
+    for step in ("00000003", "00000006"):
+        shutil.copytree(run_a / "checkpoints" / f"step-{step}", run_c / "checkpoints" / f"step-{step}")
+    shard = run_c / "checkpoints" / "step-00000006" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
     (run_c / "checkpoints" / ".step-00000005.tmp").mkdir()  # a save that crashed half-way: never picked
     (run_c / "checkpoints" / ".step-00000005.tmp" / "__0_0.distcp").write_bytes(b"partial")
     result = _train_wlf_run(_train_wlf_train_args(root, "flux", run_c, "--steps", "6", "--batch-size", "1", *clip,
                                                   "--checkpoint-every", "3", "--resume"), 2, tmp_path)
+    assert "step-00000006: __1_0.distcp does not match its sha256" in result.stdout
     assert "resumed from" in result.stdout and "step 3" in result.stdout
+    assert not (run_c / "checkpoints" / ".step-00000005.tmp").exists()
 
     log_a, log_b = _train_wlf_log(run_a), _train_wlf_log(run_b)
     assert [r["step"] for r in log_a] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in log_a)
@@ -3465,6 +3475,278 @@ def test_train_wlf_cli_errors_are_one_line(tmp_path, capsys):
             train_wlf.main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and needle in err and err.count("\n") == 0, err
+
+
+# --------------------------------------------------------------------------------------------------
+# A long run's safety (runs.py): refused arguments, NaN steps, data fingerprints, checkpoints, the lock
+
+
+def _train_wlf_error(main, argv: list[str], capsys) -> str:
+    """main(argv) must end with status 2 and exactly one `error: ` line on stderr (other lines are progress
+    reports, e.g. unreadable images); returns that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def _train_wlf_precompute_args(root: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    te = root / "te"
+    return ["precompute", "--model", "flux-dev", "--f16", "--data", str(data), "--vae", str(root / "ae.safetensors"),
+            "--clip-l", str(te / "clip_l"), "--t5", str(te / "t5"), "--t5-tokens", "24", "--resolution",
+            str(_TRAIN_WLF_RES), "--flip", "--workers", "0", "--batch-size", "2", "--shard-size", "3",
+            "--store-dtype", "fp32", "--no-progress", "--out", str(out), *extra]
+
+
+def test_train_wlf_refuses_arguments_that_cannot_be_right(tmp_path, capsys):
+    """Each value is refused by the parser, in one line naming the flag, before anything is created."""
+    base = ["train", "--shards", str(tmp_path / "s"), "--transformer", str(tmp_path / "t"), "--out", str(tmp_path / "o")]
+    for flag, value, needle in (("--warmup-steps", "-5", "whole number of at least 0, got '-5'"),
+                                ("--guidance", "nan", "finite number, got 'nan'"),
+                                ("--lr", "inf", "finite number > 0, got 'inf'"), ("--lr", "0", "> 0, got '0'"),
+                                ("--lr", "-1e-5", "> 0, got '-1e-5'"),
+                                ("--band-weights", "nan,1,1,1", "finite number ≥ 0, got 'nan'"),
+                                ("--band-weights", "1,-1,1,1", "≥ 0, got '-1'"),
+                                ("--band-weights", "0,0,0,0", "all four are 0"), ("--beta1", "1", "< 1, got '1'"),
+                                ("--beta2", "-0.1", "≥ 0 and < 1, got '-0.1'"), ("--weight-decay", "nan", "got 'nan'"),
+                                ("--max-grad-norm", "-1", "≥ 0, got '-1'"), ("--logit-std", "0", "> 0, got '0'"),
+                                ("--shift", "inf", "got 'inf'"), ("--checkpoint-every", "-1", "at least 0, got '-1'"),
+                                ("--max-bad-steps", "0", "at least 1, got '0'")):
+        line = _train_wlf_error(train_wlf.main, [*base, f"{flag}={value}"], capsys)  # "=": argparse takes "-1e-5" for a flag
+        assert line.startswith(f"error: argument {flag}: ") and needle in line, line
+    assert not (tmp_path / "o").exists()
+    # a NaN check that cannot be fooled: every tensor of a nested state, the name of the first bad one
+    with pytest.raises(vae.UserError, match=r"the export x: the state holds NaN or inf \(b.1\)"):
+        runs.check_finite({"a": torch.ones(3), "b": [torch.zeros(2), torch.tensor([1.0, float("inf")])]}, "the export x")
+
+
+def test_train_wlf_out_must_be_writable_before_any_work(_train_wlf_assets, tmp_path, capsys):
+    """--out that is a file, lies under a file, or is read-only, and an export path that is a folder: one line at
+    the start. The transformer given does not exist, so an error about --out shows it came first."""
+    root, file = _train_wlf_assets, tmp_path / "file"
+    file.write_text("x")
+    train = lambda out, *extra: _train_wlf_train_args(root, "flux", out, "--transformer", str(tmp_path / "nope"), *extra)
+    cases = [(train(file), "is a file, not a folder"), (train(file / "run"), "cannot create the folder"),
+             (_train_wlf_precompute_args(root, root / "data", file), "is a file, not a folder"),
+             (["export", "--checkpoint", str(tmp_path), "--transformer", str(tmp_path / "nope"), "--out", str(tmp_path)],
+              "is a folder, not a file")]
+    (tmp_path / "run" / "transformer.safetensors").mkdir(parents=True)
+    cases.append((train(tmp_path / "run"), "export " + str(tmp_path / "run" / "transformer.safetensors")))
+    if os.geteuid() != 0:  # root writes anywhere: only a non-root run can test a read-only folder
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases.append((train(tmp_path / "ro" / "run"), "Permission denied"))
+    for argv, needle in cases:
+        assert needle in _train_wlf_error(train_wlf.main, argv, capsys)
+
+
+def test_train_wlf_nan_steps_are_skipped_then_stop_the_run(_train_wlf_assets, tmp_path, capsys):
+    """--lr 1e8: the first update is finite, after it the loss is NaN. Skipped steps change nothing (the export
+    after 2 skipped steps is the step-1 checkpoint bit for bit) and save no checkpoint; 3 in a row stop the run
+    with status 2, no export, and the step-1 checkpoint intact (kept with --keep-checkpoints 1)."""
+    root = _train_wlf_assets
+    args = lambda out, *extra: _train_wlf_train_args(root, "flux", out, "--lr", "1e8", "--batch-size", "1",
+                                                       "--checkpoint-every", "1", "--keep-checkpoints", "1", *extra)
+    train_wlf.main(args(tmp_path / "a", "--steps", "3", "--max-bad-steps", "5"))
+    assert "step 2: loss nan, grad_norm nan (this rank): update skipped, 1 in a row" in capsys.readouterr().out
+    log = _train_wlf_log(tmp_path / "a")
+    assert [r["skipped_updates"] for r in log] == [0, 1, 2] and log[1]["loss"] is None  # strict JSON: null
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-00000001"]
+    train_wlf.main(["export", "--checkpoint", str(tmp_path / "a" / "checkpoints" / "step-00000001"), "--transformer",
+                    str(root / "flux.safetensors"), "--out", str(tmp_path / "step1.safetensors"), "--dtype", "fp32"])
+    a, step1 = _train_wlf_tensors(tmp_path / "a" / "transformer.safetensors"), _train_wlf_tensors(tmp_path / "step1.safetensors")
+    assert all(torch.equal(a[k], step1[k]) for k in step1)  # no update after step 1: the same bits
+
+    run = tmp_path / "b"
+    line = _train_wlf_error(train_wlf.main, args(run, "--steps", "8"), capsys)
+    assert "step 4: loss or gradient norm not finite in 3 steps in a row (--max-bad-steps 3)" in line
+    assert "step-00000001, is untouched" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    assert runs.verify(run / "checkpoints" / "step-00000001")["step"] == 1 and not (run / "transformer.safetensors").exists()
+    assert not (run / "run.lock").exists()  # released on the error too
+
+
+def test_train_wlf_precompute_refuses_changed_data(_train_wlf_assets, tmp_path, capsys):
+    """precompute continues only the same job: an edited caption or a replaced image, in complete shards or in an
+    interrupted job, is refused in one line naming the metadata line and what changed; the shards stay as they
+    were. Bad metadata lines are reported with file and line; a file with none usable is an error."""
+    root, data, out = _train_wlf_assets, tmp_path / "data", tmp_path / "shards"
+    shutil.copytree(root / "data", data)
+    args = _train_wlf_precompute_args(root, data, out)
+    train_wlf.main(args)
+    assert f"skipped {data / 'metadata.jsonl'}:4: bad line (JSONDecodeError" in capsys.readouterr().out
+    shards = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+    metadata = (data / "metadata.jsonl").read_text()
+    (data / "metadata.jsonl").write_text(metadata.replace("a cat sleeping on a sofa", "a dog"))
+    line = _train_wlf_error(train_wlf.main, args, capsys)
+    assert "holds shards of other data: 1 change(s)" in line and "line 5 (img2.png): caption" in line, line
+
+    (data / "metadata.jsonl").write_text(metadata)
+    before = (data / "img0.png").stat()
+    Image.new("RGB", (40, 48), "red").save(data / "img0.png")  # another image under the same name
+    assert "line 1 (img0.png): file size, file time" in _train_wlf_error(train_wlf.main, args, capsys)
+
+    # interrupted after its first shard, then the metadata edited: not continued into a mixed set
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(complete=False, shards=m["shards"][:1], num_samples=3, next_row=4)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert "line 1 (img0.png): file size, file time" in _train_wlf_error(train_wlf.main, args, capsys)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == shards
+
+    (data / "metadata.jsonl").write_bytes(b'{"file_name": "img0.png"}\n\xff\xfe not utf-8\n')
+    line = _train_wlf_error(train_wlf.main, args, capsys)
+    assert f"{data / 'metadata.jsonl'}: no usable line (metadata.jsonl:1: bad line (KeyError" in line
+
+
+def test_train_wlf_resume_refuses_other_data_or_loss(_train_wlf_assets, tmp_path, capsys):
+    """A checkpoint records the shards' fingerprint, the samples used, the seed and the objective: --resume with
+    other shards (another precompute), --max-samples, --seed or --band-weights is refused naming them; a copy of
+    the same shards is the same data; --allow-data-change continues on other shards and says so."""
+    root, run = _train_wlf_assets, tmp_path / "run"
+    args = lambda *extra: _train_wlf_train_args(root, "flux", run, "--batch-size", "1", "--checkpoint-every", "1", *extra)
+    train_wlf.main(args("--steps", "1"))
+    line = _train_wlf_error(train_wlf.main, args("--steps", "2"), capsys)  # --resume forgotten: not trained over
+    assert f"{run} already holds checkpoints (newest step-00000001): continue it with --resume" in line
+    other = tmp_path / "other"
+    train_wlf.main(_train_wlf_precompute_args(root, root / "data", other, "--seed", "1"))
+    capsys.readouterr()
+    for extra, needle in ((["--shards", str(other)], "other data than it was trained with (shards: "),
+                          (["--max-samples", "4"], "samples: 5 then, 4 now"), (["--seed", "1"], "seed: 0 then, 1 now"),
+                          (["--band-weights", "2,1,1,1"], "band_weights: [1.0, 1.0, 1.0, 1.0] then, [2.0, 1.0, 1.0, 1.0] now")):
+        line = _train_wlf_error(train_wlf.main, args("--steps", "2", "--resume", *extra), capsys)
+        assert needle in line and ("--allow-loss-change" if "band" in needle else "--allow-data-change") in line, line
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "flux_shards", copy)
+    train_wlf.main(args("--steps", "2", "--resume", "--shards", str(copy)))  # a moved folder: the same data
+    train_wlf.main(args("--steps", "3", "--resume", "--shards", str(other), "--allow-data-change"))
+    assert "--allow-data-change: continuing" in capsys.readouterr().out
+    assert [r["step"] for r in _train_wlf_log(run)] == [1, 2, 3]
+
+
+def test_train_wlf_resume_skips_damaged_checkpoints(_train_wlf_assets, tmp_path, capsys):
+    """A backup copy beside the checkpoints is never read nor rotated; a truncated newest checkpoint and one with a
+    changed byte are skipped, naming the file and why, and the run continues from the newest one that verifies,
+    bit for bit as before (the re-run export equals the first); an explicit --resume of a damaged one is one line;
+    log.jsonl holds each step once."""
+    root, run = _train_wlf_assets, tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = lambda *extra: _train_wlf_train_args(root, "flux", run, "--batch-size", "1", "--checkpoint-every", "1",
+                                                "--keep-checkpoints", "3", *extra)
+    train_wlf.main(args("--steps", "3"))
+    first = _train_wlf_tensors(run / "transformer.safetensors")
+    shutil.copytree(ckpt / "step-00000002", ckpt / "step-00000002-backup")
+    shard = ckpt / "step-00000003" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    capsys.readouterr()
+    train_wlf.main(args("--steps", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert f"skipped {ckpt / 'step-00000003'}: __0_0.distcp" in out and "(truncated?)" in out
+    assert f"resumed from {ckpt / 'step-00000002'}" in out
+    again = _train_wlf_tensors(run / "transformer.safetensors")
+    assert all(torch.equal(again[k], first[k]) for k in first)  # step 3 re-run from step 2: the same bits
+
+    data = bytearray(shard.read_bytes())  # the re-written step 3: one byte flipped, the size kept
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    train_wlf.main(args("--steps", "4", "--resume"))
+    out = capsys.readouterr().out
+    assert "__0_0.distcp does not match its sha256 in meta.json" in out and "resumed from " + str(ckpt / "step-00000002") in out
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000002", "step-00000002-backup", "step-00000003",
+                                                      "step-00000004"]
+    assert [r["step"] for r in _train_wlf_log(run)] == [1, 2, 3, 4]
+    shutil.copy(ckpt / "step-00000003" / "__0_0.distcp", ckpt / "step-00000004" / "__0_0.distcp")
+    line = _train_wlf_error(train_wlf.main, args("--steps", "5", "--resume", str(ckpt / "step-00000004")), capsys)
+    assert line.startswith(f"error: --resume {ckpt / 'step-00000004'}: __0_0.distcp ")
+    for step in ("00000002", "00000003"):  # none left that verifies: not trained over, the user decides
+        (ckpt / f"step-{step}" / "__0_0.distcp").write_bytes(b"")
+    line = _train_wlf_error(train_wlf.main, args("--steps", "5", "--resume"), capsys)
+    assert f"none of the 3 checkpoints under {ckpt} verifies" in line
+
+
+def test_train_wlf_lock_keeps_a_second_run_off_and_leftovers_go(_train_wlf_assets, tmp_path, capsys):
+    """A run holds --out/run.lock: a second run on the same --out is refused naming the holder's pid and host; the
+    holder, stopped by SIGTERM, releases it; a lock of a process that is gone is taken over; one from another host
+    is refused. At the start, what killed processes left (temp files of an export, a checkpoint's temp folder, a
+    half-deleted checkpoint) is removed, and nothing else."""
+    root, run = _train_wlf_assets, tmp_path / "run"
+    args = _train_wlf_train_args(root, "flux", run, "--steps", "1", "--checkpoint-every", "0", "--batch-size", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_wlf.__file__).parent)}
+    holder = subprocess.Popen([sys.executable, train_wlf.__file__, *args, "--steps", "100000"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # the holder has started training once its log has a line
+            if (run / "log.jsonl").exists() and (run / "log.jsonl").read_text():
+                break
+            assert holder.poll() is None, holder.stderr.read()
+            time.sleep(0.2)
+        line = _train_wlf_error(train_wlf.main, args, capsys)
+        assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in line
+    finally:
+        holder.terminate()
+        holder.wait(timeout=60)
+    assert not (run / "run.lock").exists()  # SIGTERM exits through the release
+
+    (run / "run.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))  # gone now
+    (run / ".transformer.safetensors.99999-0123abcd.tmp").write_bytes(b"half an export")
+    (run / "..transformer.safetensors.99999-0123abcd.tmp.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"x")
+    (run / "checkpoints" / ".step-00000007.tmp").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000009").mkdir()  # a deletion killed after meta.json went
+    (run / "checkpoints" / "step-00000009" / "__0_0.distcp").write_bytes(b"x")
+    keep = [run / "notes.tmp", run / "checkpoints" / "step-00000009-backup" / "meta.json"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    train_wlf.main(args)
+    assert f"taking over the lock of pid {holder.pid}" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoints", "log.jsonl", "notes.tmp",
+                                                     "transformer.safetensors"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000009-backup"]
+    assert all(p.read_text() == "the user's" for p in keep)
+    (run / "run.lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    assert "is in use by pid 1 on another-host" in _train_wlf_error(train_wlf.main, args, capsys)
+
+
+def test_train_wlf_damaged_shard_fails_at_the_start(_train_wlf_assets, tmp_path, capsys):
+    """A truncated shard, or one whose header was overwritten, fails when the shards are opened, naming the file,
+    before the transformer (which does not exist here) is loaded."""
+    root, shards = _train_wlf_assets, tmp_path / "shards"
+    shutil.copytree(root / "flux_shards", shards)
+    shard = shards / "shard-00001.safetensors"
+    original = shard.read_bytes()
+    argv = ["train", "--shards", str(shards), "--transformer", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
+    shard.write_bytes(original[:-1000])
+    line = _train_wlf_error(train_wlf.main, argv, capsys)
+    assert f"{shards}: {shard.name} {len(original) - 1000} bytes, manifest.json says {len(original)} (truncated?)" in line
+    shard.write_bytes(b"\xff" * 8 + original[8:])
+    assert f"shard {shard}: unreadable" in _train_wlf_error(train_wlf.main, argv, capsys)
+    shard.unlink()
+    assert f"{shards}: {shard.name} missing" in _train_wlf_error(train_wlf.main, argv, capsys)
+
+
+def test_train_wlf_two_ranks_skip_the_same_nan_steps(_train_wlf_assets, tmp_path):
+    """2 ranks × batch 1 over 3 samples, one of them NaN: each step that draws it has a NaN loss on one rank only;
+    both ranks skip that update (an all-reduced decision; otherwise FSDP's ranks would diverge or hang), the
+    others train, and the export is finite."""
+    root, shards = _train_wlf_assets, tmp_path / "shards"
+    shutil.copytree(root / "flux_shards", shards)
+    tensors = load_file(shards / "shard-00000.safetensors")
+    tensors["latents"][0] = float("nan")
+    save_file(tensors, shards / "shard-00000.safetensors")
+    m = json.loads((shards / "manifest.json").read_text())
+    m["shards"][0]["bytes"] = (shards / "shard-00000.safetensors").stat().st_size
+    (shards / "manifest.json").write_text(json.dumps(m))
+    stream = train_wlf.SampleStream(3, seed=0)
+    bad = [s for s in range(1, 5) if 0 in (stream[2 * s - 2], stream[2 * s - 1])]
+    assert 1 <= len(bad) < 4  # sample 0 is drawn in some steps, not in all
+    args = _train_wlf_train_args(root, "flux", tmp_path / "run", "--shards", str(shards), "--steps", "4",
+                                 "--batch-size", "1", "--max-samples", "3", "--checkpoint-every", "0", "--max-bad-steps", "4")
+    result = _train_wlf_run(args, 2, tmp_path)
+    log = _train_wlf_log(tmp_path / "run")
+    assert [r["step"] for r in log if r["loss"] is None] == bad and log[-1]["skipped_updates"] == len(bad)
+    assert result.stdout.count("update skipped") == len(bad)
+    exported = _train_wlf_tensors(tmp_path / "run" / "transformer.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
 
 
 def test_train_wlf_flops_count_each_stream_and_attention():
@@ -3685,7 +3967,7 @@ def test_train_vae_trains_only_the_decoder_and_exports_f16(_train_vae_assets, tm
         assert torch.equal(exported.encode(x), before.encode(x))
     # the exported decoder is the EMA kept in the last checkpoint (bitwise: the same tensors, saved twice), which
     # differs from the raw weights (decay 0.5)
-    state = torch.load(run / "checkpoints" / "step-00000003.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     names = [n for n, _ in exported.decoder.named_parameters()]
     for name, e in zip(names, state["ema"]):
         assert torch.equal(exported.decoder.state_dict()[name], e)
@@ -3700,11 +3982,15 @@ def test_train_vae_torchrun_matches_one_process_and_resumes(_train_vae_assets, t
     common = ["--steps", "4", "--gp-weight", "10", "--max-grad-norm", "0.05", "--checkpoint-every", "2"]
     _train_vae_run(_train_vae_args(root, run_a, *common, "--batch-size", "1"), 2, tmp_path)
     _train_vae_run(_train_vae_args(root, run_b, *common, "--batch-size", "2"), 1, tmp_path)
-    (run_c / "checkpoints").mkdir(parents=True)
-    shutil.copy(run_a / "checkpoints" / "step-00000002.pt", run_c / "checkpoints")
-    (run_c / "checkpoints" / ".step-00000003.pt.x.tmp").write_bytes(b"partial")  # a crashed save: never picked
+    for step in ("00000002", "00000004"):
+        shutil.copytree(run_a / "checkpoints" / f"step-{step}", run_c / "checkpoints" / f"step-{step}")
+    state = run_c / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])  # a newest checkpoint cut short: rank 0 skips it, both ranks agree
+    (run_c / "checkpoints" / ".step-00000003.tmp").mkdir()  # a crashed save: never picked, removed at the start
     result = _train_vae_run(_train_vae_args(root, run_c, *common, "--batch-size", "1", "--resume"), 2, tmp_path)
+    assert "skipped" in result.stdout and "step-00000004: state.pt" in result.stdout and "truncated" in result.stdout
     assert "resumed from" in result.stdout and "step 2" in result.stdout
+    assert not (run_c / "checkpoints" / ".step-00000003.tmp").exists()
 
     log_a, log_b = _train_vae_log(run_a), _train_vae_log(run_b)
     assert [r["step"] for r in log_a] == [1, 2, 3, 4]
@@ -3724,7 +4010,62 @@ def test_train_vae_torchrun_matches_one_process_and_resumes(_train_vae_assets, t
         # unsynchronized ranks or a per-rank w differ by ~2e-3.
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=0, msg=k)  # the resume is a re-run: bitwise
-    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert [r["step"] for r in _train_vae_log(run_c)] == [3, 4]  # the steps it ran
+
+
+def test_train_vae_nan_steps_stop_the_run_and_keep_the_good_checkpoint(_train_vae_assets, tmp_path, capsys):
+    """--lr 1e8: step 1 is finite, then every loss is NaN. The skipped steps save nothing, 3 in a row stop the run
+    with status 2 and one line; the step-1 checkpoint (--keep-checkpoints 1) verifies, loads, and no export exists."""
+    root, run = _train_vae_assets, tmp_path / "run"
+    line = _train_wlf_error(train_vae.main, _train_vae_args(root, run, "--lr", "1e8", "--steps", "8", "--batch-size",
+                                                            "2", "--checkpoint-every", "1", "--keep-checkpoints", "1"),
+                            capsys)
+    assert "step 4: loss or gradient norm not finite in 3 steps in a row" in line and "step-00000001" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    assert runs.verify(run / "checkpoints" / "step-00000001")["step"] == 1
+    state = torch.load(run / "checkpoints" / "step-00000001" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["decoder"].values())
+    assert not (run / "vae-f16.safetensors").exists() and not (run / "vae-f16").exists()
+    assert [r["skipped_updates"] for r in _train_vae_log(run)] == [0, 1, 2]
+
+
+def test_train_vae_resume_checks_data_settings_and_checkpoints(_train_vae_assets, tmp_path, capsys):
+    """--resume refuses other images (another --data) and other loss weights, naming them; a backup copy beside the
+    checkpoints is never read nor rotated; a truncated newest checkpoint is skipped (saying why) and the run
+    continues from the one before, its log holding each step once; an explicit --resume of a damaged checkpoint is
+    one line. A live process holding the lock keeps the run off."""
+    root, run = _train_vae_assets, tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = lambda *extra: _train_vae_args(root, run, "--batch-size", "1", "--checkpoint-every", "1", *extra)
+    train_vae.main(args("--steps", "2"))
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    shutil.copy(data / "img0.png", data / "img9.png")
+    capsys.readouterr()
+    for extra, needle in ((["--data", str(data)], "other data than it was trained with (bytes: "),
+                          (["--lambda-sc", "2"], "other loss settings than it was trained with (lambda_sc: 1.0 then, 2.0 now)")):
+        assert needle in _train_wlf_error(train_vae.main, args("--steps", "3", "--resume", *extra), capsys)
+
+    shutil.copytree(ckpt / "step-00000002", ckpt / "step-00000002-backup")
+    state = ckpt / "step-00000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    line = _train_wlf_error(train_vae.main, args("--steps", "3", "--resume", str(ckpt / "step-00000002")), capsys)
+    assert f"--resume {ckpt / 'step-00000002'}: state.pt" in line and "(truncated?)" in line
+    train_vae.main(args("--steps", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert f"skipped {ckpt / 'step-00000002'}: state.pt" in out and f"resumed from {ckpt / 'step-00000001'}" in out
+    assert [r["step"] for r in _train_vae_log(run)] == [1, 2, 3]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000002", "step-00000002-backup", "step-00000003"]
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "run.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        line = _train_wlf_error(train_vae.main, args("--steps", "4", "--resume"), capsys)
+        assert f"is in use by pid {sleeper.pid} on {socket.gethostname()}" in line
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_train_vae_eval_reports_f8_and_f16_before_and_after(_train_vae_assets, tmp_path):
@@ -3779,7 +4120,12 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
         ([*good, "--data", str(tmp_path / "nothing")], "no images"),
         ([*good, "--vae", str(tmp_path / "nope.safetensors")], "autoencoder weights not found"),
         ([*good, "--resolution", "30"], "--resolution must be a multiple of 4"),
-        ([*good, "--resume", str(tmp_path / "nope.pt")], "no such checkpoint file"),
+        ([*good, "--resume", str(tmp_path / "nope")], "no such checkpoint folder"),
+        ([*good, "--ema", "1"], "--ema: must be a finite number ≥ 0 and < 1, got '1'"),
+        ([*good, "--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),
+        ([*good, "--lambda-adv=-1"], "--lambda-adv: must be a finite number ≥ 0, got '-1'"),
+        ([*good, "--disc-start=-1"], "--disc-start: must be a whole number of at least 0, got '-1'"),
+        ([*good, "--out", str(root / "ae.safetensors")], "is a file, not a folder"),
         ([a for a in good if a not in ("--out", str(tmp_path / "run"))], "training needs --out"),
         (["--vae", str(root / "ae.safetensors"), "--eval", str(tmp_path / "nothing")], "no images"),
         (["--vae", str(root / "ae.safetensors"), "--eval", str(root / "data"), "--trained", str(tmp_path / "x")],
@@ -3797,4 +4143,4 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
     train_vae.main(_train_vae_args(root, run, "--steps", "1", "--batch-size", "1"))
     with pytest.raises(SystemExit):
         train_vae.main(_train_vae_args(root, run, "--steps", "2", "--batch-size", "2", "--resume"))
-    assert "global batch of 1" in capsys.readouterr().err
+    assert "other data than it was trained with (global_batch: 1 then, 2 now)" in capsys.readouterr().err

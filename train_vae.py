@@ -23,13 +23,15 @@ Departures from the authors' released code (also in README):
 
 Determinism: sample order, crops and D's initialization depend only on --seed and the stream position, so
 a run depends on the global batch, not on its split over GPUs, and --resume continues it bit for bit.
+Safety (runs.py, as for train_wlf.py): a locked run folder; a step with a non-finite loss or gradient norm
+makes no update, --max-bad-steps of them in a row stop the run; verified checkpoints that record the data and
+the loss settings, which --resume must match.
 
 Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
-sample order), setup_distributed (torchrun or a 1-rank group), run_command (one-line user errors) and
-positive_int (argument check); metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
+sample order); runs.py's process group (torchrun or a 1-rank group), run folder, checkpoints and argument
+checks; metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
 """
 import argparse
-import json
 import random
 import sys
 import time
@@ -45,8 +47,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import metrics
+import runs
 import vae
-from train_wlf import SampleStream, positive_int, run_command, setup_distributed
+from runs import number, positive_int, whole_number
+from train_wlf import SampleStream
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,8 +149,16 @@ def discriminator_loss(m: SCVAE, x: Tensor, x_hat: Tensor, gp_weight: float) -> 
 def train(args) -> None:
     if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
         raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = runs.setup_distributed(args.device)
     run, files = Path(args.out), list_images(Path(args.data))
+    runs.on_rank0(runs.open_run, run, files=(run / f"{args.export_name}.safetensors",),
+                  folders=(run / args.export_name,))  # locked, writable, leftovers of killed runs removed
+    # What a checkpoint records and a resume must match: the data (files, crops, order) and the loss.
+    data = {**runs.on_rank0(runs.files_fingerprint, Path(args.data), files), "crop": args.resolution, "seed": args.seed,
+            "global_batch": args.batch_size * world}  # the stream is cut by the global batch (not so in train_wlf)
+    loss_settings = {k: getattr(args, k) for k in LOSS_SETTINGS}
+    checkpoint, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
+    runs.require_same(checkpoint, meta, args, data=data, loss=loss_settings)
     m = load_models(args, device)
     if args.resolution % m.student.factor:
         raise vae.UserError(f"--resolution must be a multiple of {m.student.factor} (the F16 autoencoder's factor)")
@@ -157,10 +169,13 @@ def train(args) -> None:
     ema = [p.detach().clone() for p in decoder] if args.ema > 0 else None
     trained = {"decoder": m.student.decoder, "disc": m.disc, "opt_g": opt_g, "opt_d": opt_d}  # what a checkpoint holds
     say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
-    step = resume(args, run, trained, ema, args.batch_size * world, say)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        vae.write_json(run / "args.json", {**vars(args), "world_size": world})
+    step, bad = 0, runs.BadSteps(args.max_bad_steps, run)
+    if checkpoint is not None:
+        restore(checkpoint, trained, ema)
+        step, bad.skipped = meta["step"], meta["skipped"]
+        say(f"resumed from {checkpoint} at step {step}")
+    # args.json; log.jsonl without the records after `step` (those steps run again)
+    log_file = runs.open_log(run, step, {**vars(args), "world_size": world}) if rank == 0 else None
     b = args.batch_size  # step s, rank r: stream positions (s·world + r)·b + i, so only the global batch matters
     batches = [[(s * world + rank) * b + i for i in range(b)] for s in range(step, args.steps)]
     loader = torch.utils.data.DataLoader(CropStream(files, args.resolution, args.seed), batch_sampler=batches,
@@ -175,28 +190,32 @@ def train(args) -> None:
         x = batch["image"].to(device, non_blocking=True)
         adversarial = step >= args.disc_start and args.lambda_adv > 0
 
-        # The decoder's step (Eq. 4)
+        # The decoder's gradients (Eq. 4)
         with autocast:
             g = generator_losses(m, x, args, adversarial)
         g["total"].backward()
         average_gradients(m.student.decoder)
         g["grad_norm"] = nn.utils.clip_grad_norm_(decoder, clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        if ema is not None:
-            for e, p in zip(ema, decoder):
-                e.lerp_(p.detach(), 1 - args.ema)
 
-        # D's step, on the same batch and the x̂ of the step above
+        # D's, on the same batch and the x̂ above (detached: the decoder's update does not change them)
         d = {}
         if adversarial:
             with autocast:
                 d = discriminator_loss(m, x, g["x_hat"], args.gp_weight)
             d["d_total"].backward()
             average_gradients(m.disc)
-            nn.utils.clip_grad_norm_(m.disc.parameters(), clip)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+            d["d_grad_norm"] = nn.utils.clip_grad_norm_(m.disc.parameters(), clip)
+
+        checked = {k: v for k, v in {**g, **d}.items() if k in ("total", "grad_norm", "d_total", "d_grad_norm")}
+        if bad.ok(step + 1, say, **checked):  # NaN / inf: neither model steps, on every rank
+            opt_g.step()
+            if ema is not None:
+                for e, p in zip(ema, decoder):
+                    e.lerp_(p.detach(), 1 - args.ema)
+            if adversarial:
+                opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
 
@@ -205,29 +224,33 @@ def train(args) -> None:
             values = torch.stack(list(terms.values()))
             all_reduce_mean([values])
             record = {"step": step, **dict(zip(terms, values.tolist())), "skipped_images": int(batch["skipped"].sum()),
+                      "skipped_updates": bad.skipped,
                       "images_per_s": (step - logged) * args.batch_size * world / (time.perf_counter() - tic)}
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if rank == 0:
-                with open(run / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                runs.log_line(log_file, record)
             shown = " ".join(f"{k} {record[k]:.4g}" for k in ("total", "l2", "sc", "lpips", "adv", "w", "d", "gp")
                              if k in record)
             say(f"step {step} {shown} {record['images_per_s']:.2f} img/s")
             tic, logged = time.perf_counter(), step
         stopping = args.stop_after is not None and step >= args.stop_after
         # at the last step too, so that a longer run can --resume from it
-        if stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
-            if rank == 0:
-                say(f"saved {save_checkpoint(run, step, trained, ema, args.batch_size * world, args)}")
+        saving = stopping or args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)
+        if saving and not bad.streak:  # none amid skipped updates: they must not rotate the good ones out
+            meta = {"step": step, "data": data, "loss": loss_settings, "skipped": bad.skipped}
+            state = {"ema": ema, **{k: v.state_dict() for k, v in trained.items()}}  # decoder, D, both optimizers
+            say(f"saved {runs.save_state(run, meta, state, args.keep_checkpoints)}")
             tic = time.perf_counter()  # saving is not training time
         if stopping and step < args.steps:
             say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
             break
     bar.close()
-    if step >= args.steps and rank == 0:
+    if log_file:
+        log_file.close()
+    if step >= args.steps:
         export_f16(m, ema, run, args.export_name)
-    dist.barrier()
+    dist.barrier()  # every rank is done before the process group is destroyed (gloo's teardown races otherwise)
 
 
 def load_models(args, device: torch.device) -> SCVAE:
@@ -311,44 +334,20 @@ def average_gradients(module: nn.Module) -> None:
 # Checkpoints (with the EMA), the F16 export
 
 
-def list_checkpoints(run: Path) -> list[Path]:
-    found = [p for p in (run / "checkpoints").glob("step-*.pt") if p.stem[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.stem[5:]))
+LOSS_SETTINGS = ("lambda_sc", "lambda_lpips", "lambda_adv", "max_adaptive_weight", "disc_start", "gp_weight")
 
 
-def save_checkpoint(run: Path, step: int, trained: dict, ema: list[Tensor] | None, global_batch: int, args) -> Path:
-    """checkpoints/step-N.pt (decoder, D, both optimizers, EMA), atomically; the oldest beyond --keep-checkpoints go."""
-    state = {"step": step, "global_batch": global_batch, "ema": ema, **{k: v.state_dict() for k, v in trained.items()}}
-    path = run / "checkpoints" / f"step-{step:08d}.pt"
-    vae.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in list_checkpoints(run)[: -args.keep_checkpoints]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def resume(args, run: Path, trained: dict, ema: list[Tensor] | None, global_batch: int, say) -> int:
-    """--resume: restore the checkpoint it names, or (no value) the newest under --out; returns its step (0: none).
-    Another global batch would cut the sample stream differently (replaying or skipping data): refused."""
-    if args.resume is None:
-        return 0
-    path = Path(args.resume)
-    if args.resume == "latest":
-        if not (found := list_checkpoints(run)):
-            say(f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.vae}")
-            return 0
-        path = found[-1]
-    elif not path.is_file():
-        raise vae.UserError(f"--resume {path}: no such checkpoint file")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves it to the models' device
-    if state["global_batch"] != global_batch:
-        raise vae.UserError(f"{path} was trained with a global batch of {state['global_batch']}, this run has "
-                            f"{global_batch}; keep --batch-size × GPUs the same to resume")
-    for k, v in trained.items():
-        v.load_state_dict(state[k])
+def restore(path: Path, trained: dict, ema: list[Tensor] | None) -> None:
+    """Load the verified checkpoint `path` (runs.save_state's state.pt) into the models, optimizers and EMA."""
+    state = runs.load_state(path)
+    try:  # load_state_dict moves the tensors to the models' device
+        for k, v in trained.items():
+            v.load_state_dict(state[k])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise vae.UserError(f"cannot load {path} into these models (another --vae or --disc-channels than the "
+                            f"run's?): {str(e).splitlines()[0]}") from None
     for e, v in zip(ema or [], state["ema"] or []):
         e.copy_(v)
-    say(f"resumed from {path} at step {state['step']}")
-    return state["step"]
 
 
 def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None:
@@ -358,9 +357,13 @@ def export_f16(m: SCVAE, ema: list[Tensor] | None, run: Path, name: str) -> None
         with torch.no_grad():
             for p, e in zip(m.student.decoder.parameters(), ema):
                 p.copy_(e)
-    for path in (run / f"{name}.safetensors", run / name):
-        vae.save_vae(m.student, path)
-    print(f"exported {run / name}.safetensors and {run / name}/ ({'EMA' if ema is not None else 'last'} decoder)")
+    runs.check_finite(m.student.state_dict(), f"the export {run / name}")  # on every rank: an all-reduce
+
+    def write() -> None:  # on rank 0 (runs.on_rank0: an OSError is one line naming the file, on every rank)
+        for path in (run / f"{name}.safetensors", run / name):
+            vae.save_vae(m.student, path)
+        print(f"exported {run / name}.safetensors and {run / name}/ ({'EMA' if ema is not None else 'last'} decoder)")
+    runs.on_rank0(write)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,6 +382,8 @@ def evaluate(args) -> None:
     trained = args.trained or (Path(args.out) / f"{args.export_name}.safetensors" if args.out else None)
     if trained is not None and not Path(trained).exists():
         raise vae.UserError(f"--trained {trained}: not found (train first, or give the exported F16 autoencoder)")
+    if args.json:
+        runs.check_target(Path(args.json), "--json")  # before the models and the images, not after
     try:
         models = {"F8": vae.load_vae(args.vae, stride=1, device=device, dtype=dtype, config=args.config),
                   "F16 before": vae.load_vae(args.vae, stride=2, device=device, dtype=dtype, config=args.config)}
@@ -437,7 +442,7 @@ def _channels(text: str) -> list[int]:  # positive_int's message names the bad w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__[: __doc__.index("The models:")].rstrip(),
+    p = runs.Parser(description=__doc__[: __doc__.index("The models:")].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="the official F8 autoencoder (teacher, and the student's start): "
                    "Flux ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder")
@@ -447,30 +452,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=20000, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=4, help="crops per GPU per step")
     p.add_argument("--resolution", type=positive_int, default=512, help="random square crop size (the paper: 512)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the decoder (the paper: 1e-5)")
-    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
+    p.add_argument("--lr", type=number(0, above=True), default=1e-5, help="AdamW lr of the decoder (the paper: 1e-5)")
+    p.add_argument("--disc-lr", type=number(0, above=True), help="discriminator learning rate (default: --lr)")
+    p.add_argument("--weight-decay", type=number(0), default=1e-4, help="AdamW weight decay (the paper: 1e-4)")
     p.add_argument("--gan-betas", action="store_true", help="Adam betas (0.5, 0.9) instead of (0.9, 0.999)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping of decoder and D (0: off)")
-    p.add_argument("--lambda-sc", type=float, default=1.0, help="weight of the scale-consistency loss, Eq. 1")
-    p.add_argument("--lambda-lpips", type=float, default=0.1, help="weight of LPIPS")
-    p.add_argument("--lambda-adv", type=float, default=0.05, help="weight of the adaptive adversarial loss (0: no GAN)")
-    p.add_argument("--max-adaptive-weight", type=float, default=1e4, help="clamp of the adaptive weight w")
-    p.add_argument("--disc-start", type=int, default=0, help="step from which D trains and L_adv counts")
+    p.add_argument("--max-grad-norm", type=number(0), default=1.0, help="gradient clipping of decoder and D (0: off)")
+    p.add_argument("--lambda-sc", type=number(0), default=1.0, help="weight of the scale-consistency loss, Eq. 1")
+    p.add_argument("--lambda-lpips", type=number(0), default=0.1, help="weight of LPIPS")
+    p.add_argument("--lambda-adv", type=number(0), default=0.05, help="weight of the adaptive GAN loss (0: no GAN)")
+    p.add_argument("--max-adaptive-weight", type=number(0, above=True), default=1e4, help="clamp of the adaptive w")
+    p.add_argument("--disc-start", type=whole_number, default=0, help="step from which D trains and L_adv counts")
     p.add_argument("--disc-channels", type=_channels, default=[64, 128, 256, 512, 512, 512], help="widths of D's convs")
-    p.add_argument("--gp-weight", type=float, default=0.0, help="gradient penalty γ on real images (the authors: 10)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the exported decoder (0: off)")
+    p.add_argument("--gp-weight", type=number(0), default=0.0, help="gradient penalty γ on real images (theirs: 10)")
+    p.add_argument("--ema", type=number(0, 1, below=True), default=0.9999, help="EMA decay of the export (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="compute dtype (bf16 autocast; weights and optimizer stay fp32). The paper: fp32")
     p.add_argument("--lpips-vgg", help="torchvision's vgg16-397923af.pth (default: the torch hub cache)")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth (default: the torch hub cache, an installed lpips)")
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
+    p.add_argument("--checkpoint-every", type=whole_number, default=1000, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint (no value: --out's newest)")
-    p.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
+    p.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder; alone: --out's newest good one")
+    p.add_argument("--allow-data-change", action="store_true", help="--resume on other images, crops or seed")
+    p.add_argument("--allow-loss-change", action="store_true", help="--resume with other loss weights")
+    p.add_argument("--max-bad-steps", type=positive_int, default=3, help="stop after N non-finite steps in a row")
+    p.add_argument("--stop-after", type=positive_int, help="save a checkpoint, exit after this step (job time limits)")
     p.add_argument("--export-name", default="vae-f16", help="name of the exported autoencoder under --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, crops and D's initialization")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes per GPU")
+    p.add_argument("--workers", type=whole_number, default=4, help="image decoding processes per GPU")
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -485,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_command(evaluate if args.eval else train, args)
+    runs.run_command(evaluate if args.eval else train, args)
 
 
 if __name__ == "__main__":

@@ -23,22 +23,24 @@ block is recomputed in backward (activation checkpointing). Checkpoints are shar
 Determinism: the sample order is one permutation per epoch, and each sample's t and ε are drawn from
 (seed, its position in the sample stream); nothing draws from a global RNG. A run thus depends on the global
 batch, not on its split over GPUs and accumulation steps, and resuming reproduces it exactly.
+Safety (runs.py): the run folder is locked; a step with a non-finite loss or gradient norm makes no update, and
+--max-bad-steps of them in a row stop the run; checkpoints carry checksums, the data's fingerprint and the loss
+settings, and --resume takes the newest one that verifies and refuses other data unless told.
 
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
 From the other scripts: `metrics.load_image`, the one image reader (EXIF orientation, alpha dropped, 16-bit
-high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's `UserError`, `atomic_write`, `write_json`.
+high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's
+`UserError`, `atomic_write`, `write_json`; runs.py, the machinery shared with train_vae.py (process group,
+run folder, checkpoints, fingerprints, argument checks, one-line errors).
 """
 import argparse
-import datetime
 import json
 import os
 import random
-import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +48,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -58,9 +60,11 @@ from tqdm import tqdm
 
 import metrics
 import mmdit
+import runs
 import text_encoders
 import vae
 import wavelet
+from runs import number, positive_int, whole_number
 
 SHARD_FORMAT = "diffusion4k-wlf-shards"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -127,18 +131,20 @@ def velocity_fn(model: nn.Module, context: Tensor, pooled: Tensor, guidance: flo
 def train(args) -> None:
     # Our output is reshaped, not modified in place, so FSDP's pre-backward hook on it stays intact.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    rank, world, device = setup_distributed(args.device)
-    run, shards = Path(args.out), LatentShards(args.shards, args.max_samples)
+    rank, world, device = runs.setup_distributed(args.device)
+    say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
+    run = Path(args.out)
+    export = run / (args.export_name or "transformer.safetensors")
+    runs.on_rank0(runs.open_run, run, files=(export,))  # locked, writable, leftovers of killed runs removed
+    shards = LatentShards(args.shards, args.max_samples)
     objective = Objective(args.loss, tuple(args.band_weights), args.wavelet_levels, args.timesteps,
                           args.logit_mean, args.logit_std, args.shift)
     global_batch = args.batch_size * args.grad_accum * world
-    resume = Path(args.resume) if args.resume not in (None, "latest") else None
-    if resume and not (resume / "meta.json").is_file():
-        raise vae.UserError(f"--resume {resume}: not a complete checkpoint (no meta.json)")
-    if args.resume == "latest":  # --resume alone: the newest checkpoint of the run, if there is one yet
-        resume = (list_checkpoints(run) or [None])[-1]
-        if resume is None:
-            _log(rank, f"--resume: no checkpoint under {run / 'checkpoints'} yet; starting from {args.transformer}")
+    # What a checkpoint records and a resume must match: the data (its order too) and the loss.
+    data = {"shards": shards.fingerprint, "samples": len(shards), "seed": args.seed}
+    loss_settings = {**asdict(objective), "band_weights": list(objective.band_weights), "guidance": args.guidance}
+    resume, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
+    runs.require_same(resume, meta, args, data=data, loss=loss_settings)
 
     model, full_state = build_on_meta(args.transformer, rank)  # rank 0 alone reads the file
     family = "flux" if isinstance(model, mmdit.Flux) else "sd3"
@@ -162,12 +168,12 @@ def train(args) -> None:
     del full_state  # a whole copy of the weights in rank 0's host memory
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                   weight_decay=args.weight_decay, eps=1e-8)
-    step, position = 0, 0
+    step, position, bad = 0, 0, runs.BadSteps(args.max_bad_steps, run)
     if resume is not None:
-        meta = load_checkpoint(resume, model, optimizer)
-        step, position = meta["step"], meta["position"]
-        _log(rank, f"resumed from {resume} (step {step}, sample position {position}; global batch "
-                   f"{meta.get('global_batch')} then, {global_batch} now)")
+        load_checkpoint(resume, model, optimizer)
+        step, position, bad.skipped = meta["step"], meta["position"], meta["skipped"]
+        say(f"resumed from {resume} (step {step}, sample position {position}; global batch "
+            f"{meta['global_batch']} then, {global_batch} now)")
 
     stream = SampleStream(len(shards), args.seed)
     latent_hw, text_tokens = tuple(shards.manifest["latent_shape"][-2:]), shards.manifest["context_shape"][0]
@@ -176,9 +182,7 @@ def train(args) -> None:
     peak = args.peak_tflops or gpu_peak_tflops(device)
     log_file = None
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        vae.write_json(run / "args.json", vars(args))
-        log_file = open(run / "log.jsonl", "a")
+        log_file = runs.open_log(run, step, vars(args))  # args.json; log.jsonl without the records after `step`
         n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
         print(f"{family}, {n / 1e6:,.1f} M parameters; {len(shards)} samples; global batch {global_batch} = {world} "
               f"rank(s) × {args.batch_size} × {args.grad_accum} accumulation; {tokens} tokens/sample", flush=True)
@@ -204,66 +208,73 @@ def train(args) -> None:
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        optimizer.step()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
+        if bad.ok(step + 1, say, loss=loss_sum, grad_norm=grad_norm):  # NaN / inf: no update, on every rank
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         position += global_batch
 
         if step % args.log_every == 0 or step == args.steps:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
             images = (step - since) * global_batch / (time.perf_counter() - tic)
             record = {"step": step, "loss": loss_sum.item() / (args.grad_accum * world), "lr": lr,
-                      "grad_norm": grad_norm.item(), "images_per_s": images, "tokens_per_s": images * tokens}
+                      "grad_norm": grad_norm.item(), "skipped_updates": bad.skipped, "images_per_s": images,
+                      "tokens_per_s": images * tokens}
             if peak:
                 record["mfu"] = images * flops / world / (peak * 1e12)
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
             if rank == 0:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                progress.write(" ".join(f"{k} {v:.4g}" for k, v in record.items()))  # prints when disabled too
+                runs.log_line(log_file, record)
+                say(" ".join(f"{k} {v:.4g}" for k, v in record.items()))
             tic, since = time.perf_counter(), step
         progress.update(1)
         stopping = args.stop_after is not None and args.stop_after <= step < args.steps
-        if stopping or (args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps)):
-            path = save_checkpoint(run, model, optimizer, step, position, args.keep_checkpoints,
-                                   {"global_batch": global_batch, "shards": str(args.shards)})
-            _log(rank, f"saved {path}")
+        saving = stopping or (args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps))
+        if saving and not bad.streak:  # none amid skipped updates: they must not rotate the good ones out
+            meta = {"step": step, "position": position, "global_batch": global_batch, "shards": str(args.shards),
+                    "data": data, "loss": loss_settings, "skipped": bad.skipped}
+            say(f"saved {save_checkpoint(run, model, optimizer, meta, args.keep_checkpoints)}")
             tic, since = time.perf_counter(), step  # saving is not training throughput
         if stopping:
-            _log(rank, f"stopped after step {step} (--stop-after); continue with the same command and --resume")
+            say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
             break
     progress.close()
     if step >= args.steps:
-        out = run / (args.export_name or "transformer.safetensors")
-        export_model(model, out, DTYPES[args.export_dtype])
-        _log(rank, f"exported {out} ({args.export_dtype}, official {family} layout)")
+        export_model(model, export, DTYPES[args.export_dtype])
+        say(f"exported {export} ({args.export_dtype}, official {family} layout)")
     if log_file:
         log_file.close()
-
-
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(message, flush=True)
+    dist.barrier()  # every rank is done before the process group is destroyed (gloo's teardown races otherwise)
 
 
 # ===== Data: images + metadata.jsonl (Aesthetic-4K's format) -> precompute -> shards + manifest.json ==========
 
 def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
-    """Rows {"file_name", "text"} of folder/metadata.jsonl, and the lines that could not be used."""
+    """Rows {"file_name", "text", "line"} of folder/metadata.jsonl, and the lines that could not be used (each
+    reported in one line naming the file and line number). Split at newlines only: a caption may hold U+2028."""
     if not (path := folder / "metadata.jsonl").is_file():
         raise vae.UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
                             '{"file_name": ..., "text": ...} object per line')
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise vae.UserError(f"cannot read {path}: {e.strerror or e}") from None
     rows, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"])})
+            row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"]), "line": lineno})
         except (ValueError, KeyError, TypeError) as e:
-            bad.append({"file_name": f"metadata.jsonl:{number}", "reason": f"bad line ({type(e).__name__}: {e})"})
+            reason = f"bad line ({type(e).__name__}: {e})".splitlines()[0]
+            bad.append({"file_name": f"metadata.jsonl:{lineno}", "reason": reason})
+            print(f"skipped {path}:{lineno}: {reason}", flush=True)
+    if not rows:
+        first = f" ({bad[0]['file_name']}: {bad[0]['reason']})" if bad else ""
+        raise vae.UserError(f"{path}: no usable line{first}")
     return rows, bad
 
 
@@ -306,7 +317,7 @@ def write_shard(out: Path, manifest: dict, samples: list[dict[str, Tensor]]) -> 
     tensors = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     vae.atomic_write(out / name, lambda tmp: save_file(tensors, tmp))
-    manifest["shards"].append({"file": name, "count": len(samples)})
+    manifest["shards"].append({"file": name, "count": len(samples), "bytes": (out / name).stat().st_size})
     manifest["num_samples"] += len(samples)
     manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
     vae.write_json(out / "manifest.json", manifest)
@@ -344,15 +355,42 @@ def load_conditioner(args, t5_length: int, device: torch.device, dtype: torch.dt
         raise vae.UserError(f"cannot load the text encoders: {e}") from None
 
 
+def encoder_files(args) -> dict[str, str]:
+    """Fingerprints (names, sizes, times) of the weight and tokenizer files precompute reads, by path."""
+    paths = [args.vae, args.clip_l, args.clip_g, args.t5, args.clip_l_tokenizer, args.clip_g_tokenizer,
+             args.t5_tokenizer]
+    if args.weights:
+        paths += [Path(args.weights) / d for d in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                                                   "tokenizer", "tokenizer_2", "tokenizer_3")]
+    return {f"files:{p}": runs.tree_fingerprint(Path(p)) for p in paths if p and Path(p).exists()}
+
+
+def check_same_job(out: Path, manifest: dict, settings: dict, table: list, rows: list[dict]) -> None:
+    """Continue (or call complete) only the job `manifest` was made by: the same settings and encoder files,
+    and the same data row for row (file name, size, mtime, caption). Otherwise one line says what changed."""
+    if changed := runs.differences({k: manifest.get(k) for k in settings}, settings):
+        raise vae.UserError(f"{out} holds shards made with other settings ({'; '.join(changed)}); use another --out "
+                            "or --overwrite")
+    if manifest.get("rows") != runs.digest(table):
+        old = runs.read_json(out / "rows.json") if (out / "rows.json").is_file() else []
+        names = [f"line {row['line']} ({row['file_name']})" for row in rows]
+        changes = runs.changed_rows(old, table, ("file name", "file size", "file time", "caption"), names)
+        raise vae.UserError(f"{out} holds shards of other data: {changes} in {settings['data']}; precompute it "
+                            "again with --overwrite, or use another --out")
+
+
 def precompute(args) -> None:
     """`precompute`: encode every image of --data with the VAE and its prompt with the text encoders, into
-    shards. Run again with the same settings, it continues an interrupted run."""
+    shards. Run again with the same settings and data, it continues an interrupted run; other data or settings
+    (an edited caption, a replaced image) are refused, naming them, so that shards never mix two versions."""
     check_model_name(args.model)
     family = "flux" if args.model.startswith("flux") else "sd3"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     data, out = Path(args.data), Path(args.out)
+    runs.open_run(out)  # locked, writable, leftovers of a killed precompute removed
     rows, bad_lines = read_metadata(data)
+    table = [[r["file_name"], *runs.file_stats(data / r["file_name"]), r["text"]] for r in rows]
     vae_path = args.vae or args.weights
     if vae_path is None:
         raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
@@ -362,26 +400,27 @@ def precompute(args) -> None:
         raise vae.UserError(f"cannot load the autoencoder: {e}") from None
     check_resolution(args.resolution, ae.factor)
     t5_length = args.t5_tokens or (512 if args.model == "flux-dev" else 256)  # as sample.py encodes prompts
-    settings = {"model": args.model, "family": family, "data": str(data.resolve()), "rows": len(rows),
+    settings = {"model": args.model, "family": family, "data": str(data.resolve()),
                 "resolution": args.resolution, "flip": args.flip, "seed": args.seed, "vae": str(vae_path),
                 "vae_factor": ae.factor, "vae_scale": ae.scale_factor, "vae_shift": ae.shift_factor,
                 "text_encoders": [str(p) for p in (args.weights, args.clip_l, args.clip_g, args.t5) if p],
-                "t5_tokens": t5_length, "store_dtype": args.store_dtype}
+                "t5_tokens": t5_length, "store_dtype": args.store_dtype, **encoder_files(args)}
     path = out / "manifest.json"
     if path.is_file() and args.overwrite:
-        for f in [path, *out.glob("shard-*.safetensors")]:
-            f.unlink()
-    manifest = json.loads(path.read_text()) if path.is_file() else {
-        "format": SHARD_FORMAT, "version": 1, **settings, "complete": False, "shards": [], "num_samples": 0,
-        "next_row": 0, "skipped": []}
-    if any(manifest.get(k) != v for k, v in settings.items()):
-        raise vae.UserError(f"{out} holds shards made with other settings; use another --out or --overwrite")
+        for f in [path, out / "rows.json", *out.glob("shard-*.safetensors")]:
+            f.unlink(missing_ok=True)
+    if path.is_file():
+        manifest = runs.read_json(path)
+    else:  # a new job: what each row was made from goes beside the shards, its digest into the manifest
+        manifest = {"format": SHARD_FORMAT, "version": 2, **settings, "rows": runs.digest(table), "complete": False,
+                    "shards": [], "num_samples": 0, "next_row": 0, "skipped": []}
+        vae.write_json(out / "rows.json", table)
+    check_same_job(out, manifest, settings, table, rows)
     if manifest["complete"]:
         print(f"{out}: already complete ({manifest['num_samples']} samples); nothing to do")
         return
     if manifest["next_row"]:
         print(f"{out}: continuing an interrupted precompute at metadata row {manifest['next_row']}")
-    out.mkdir(parents=True, exist_ok=True)
     conditioner = load_conditioner(args, t5_length, device, dtype)
 
     # Entries skipped before the resume point stay listed, bad metadata lines once; saved with every shard.
@@ -432,13 +471,21 @@ class LatentShards:
         self.folder = Path(folder)
         if not (path := self.folder / "manifest.json").is_file():
             raise vae.UserError(f"{path} not found: create the shards first with `python train_wlf.py precompute ...`")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = runs.read_json(path)
         if self.manifest.get("format") != SHARD_FORMAT or not self.manifest.get("complete"):
             raise vae.UserError(f"{path} is not a complete {SHARD_FORMAT} manifest; if precompute was interrupted, "
                                 "run the same command again")
+        self.fingerprint = runs.digest(self.manifest)[:16]  # the shards' identity, recorded in every checkpoint
         files = [self.folder / s["file"] for s in self.manifest["shards"]]
-        if missing := [str(f) for f in files if not f.is_file()]:
-            raise vae.UserError(f"shard files missing: {', '.join(missing[:3])}")
+        runs.check_sizes(self.folder, {s["file"]: s.get("bytes") for s in self.manifest["shards"]}, "manifest.json")
+        for file, shard in zip(files, self.manifest["shards"]):  # a damaged shard fails now, not hours in
+            try:
+                with safe_open(str(file), "pt") as f:
+                    count = f.get_slice("latents").get_shape()[0]
+            except (SafetensorError, OSError) as e:
+                raise vae.UserError(f"shard {file}: unreadable ({e})") from None
+            if count != shard["count"]:
+                raise vae.UserError(f"shard {file}: {count} samples, manifest.json says {shard['count']}")
         # sample index -> (shard file, row in it)
         self.index = [(f, i) for f, s in zip(files, self.manifest["shards"]) for i in range(s["count"])][:max_samples]
         self._open = {}
@@ -451,7 +498,10 @@ class LatentShards:
         out: dict[str, list[Tensor]] = {"latents": [], "context": [], "pooled": []}
         for file, i in (self.index[index] for index in indices):
             if file not in self._open:
-                self._open[file] = safe_open(str(file), "pt")
+                try:
+                    self._open[file] = safe_open(str(file), "pt")
+                except (SafetensorError, OSError) as e:  # changed since the check at the start
+                    raise vae.UserError(f"shard {file}: unreadable ({e})") from None
             for name in out:
                 out[name].append(self._open[file].get_slice(name)[i : i + 1])
         return {name: torch.cat(values) for name, values in out.items()}
@@ -472,24 +522,7 @@ class SampleStream:
         return self._perm[i]
 
 
-# ===== Distributed set-up, and the transformer built on the meta device =======================================
-
-def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
-    (FSDP2 included) runs as a plain `python train_wlf.py train ...`."""
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=30)  # saving 12B parameters of optimizer state takes a while
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), device
-
+# ===== The transformer built on the meta device ================================================================
 
 def meta_model(params, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The transformer of `params` on the meta device: shapes without memory."""
@@ -521,48 +554,31 @@ def build_on_meta(path: str, rank: int) -> tuple[nn.Module, dict[str, Tensor]]:
     return meta_model(payload[0]), state
 
 
-# ===== Checkpoints: sharded (DCP), written to a temporary folder, renamed when whole ==========================
+# ===== Checkpoints: sharded (DCP) in a folder that runs.py seals (checksums, meta.json last) and verifies ======
 
-def list_checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first: only a whole checkpoint is ever renamed to step-NNNNNNNN."""
-    found = [p for p in (run / "checkpoints").glob("step-*") if (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def save_checkpoint(run: Path, model: nn.Module, optimizer, step: int, position: int, keep: int,
-                    extra: dict) -> Path:
-    """Every rank writes its shards of the model and the optimizer state into checkpoints/.step-N.tmp; when all
-    are done rank 0 adds meta.json and renames the folder to step-N, then deletes all but the newest `keep`.
-    A crash at any point leaves the previous checkpoints untouched."""
-    final, tmp = run / "checkpoints" / f"step-{step:08d}", run / "checkpoints" / f".step-{step:08d}.tmp"
-    if (final / "meta.json").is_file():  # this very state is saved already (a resumed, finished run)
-        return final
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
-        tmp.mkdir(parents=True)
-    dist.barrier()
+def save_checkpoint(run: Path, model: nn.Module, optimizer, meta: dict, keep: int) -> Path:
+    """Every rank writes its shards of the model and the optimizer state into checkpoints/.step-N.tmp; then rank
+    0 seals it as step-N (runs.seal_checkpoint) and deletes all but the newest `keep`. A crash at any point
+    leaves the previous checkpoints untouched; a state holding NaN or inf is refused before anything is written."""
     model_state, optim_state = get_state_dict(model, optimizer)
+    runs.check_finite({"model": model_state, "optim": optim_state}, f"the checkpoint of step {meta['step']}")
+    tmp = runs.on_rank0(runs.begin_checkpoint, run, meta["step"])
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     dist.barrier()
-    if dist.get_rank() == 0:
-        vae.write_json(tmp / "meta.json", {"step": step, "position": position, "world_size": dist.get_world_size(),
-                                           **extra})
-        if final.exists():  # an incomplete folder of that name (no meta.json) cannot be resumed from anyway
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    return runs.on_rank0(runs.seal_checkpoint, tmp, {**meta, "world_size": dist.get_world_size()}, keep)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model and optimizer (resharded by DCP: the world size may differ); returns meta.json."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads((folder / "meta.json").read_text())
+def load_checkpoint(folder: Path, model: nn.Module, optimizer=None) -> None:
+    """Restore model (and optimizer) from a verified checkpoint, resharded by DCP: the world size may differ."""
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer else (model.state_dict(), None)
+    state = {"model": model_state, "optim": optim_state} if optimizer else {"model": model_state}
+    try:
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    except (dcp.api.CheckpointException, RuntimeError, ValueError, KeyError) as e:  # another architecture, mostly
+        raise vae.UserError(f"cannot load {folder} into {type(model).__name__} "
+                            f"(another --transformer than the run's?): {str(e).splitlines()[0]}") from None
+    if optimizer:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 # ===== Export: one official-layout safetensors file (mmdit.save_transformer), as sample.py reads ==============
@@ -570,29 +586,33 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
 def export_model(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     """Gather the full state dict (tensor by tensor, onto rank 0's CPU) and write it on rank 0."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    runs.check_finite(state, f"the export {path}")  # rank 0 holds every tensor, the others none
+    full = None
     if dist.get_rank() == 0:
         full = meta_model(model.params)
         full.load_state_dict({k: v.to("cpu", dtype) for k, v in state.items()}, assign=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mmdit.save_transformer(full, str(path))
-    dist.barrier()
+    runs.on_rank0(write_transformer, full, path)
+
+
+def write_transformer(model: nn.Module, path: Path) -> None:
+    """mmdit.save_transformer through vae.atomic_write: fsynced, and a kill leaves a temp name runs.py cleans."""
+    vae.atomic_write(path, lambda tmp: mmdit.save_transformer(model, tmp))
 
 
 def export_checkpoint(args) -> None:
     """`export`: one sharded checkpoint -> one official-layout safetensors file, in a single process."""
     folder, out = Path(args.checkpoint), Path(args.out)
-    if not (folder / "meta.json").is_file():
-        raise vae.UserError(f"{folder}: not a complete checkpoint (no meta.json)")
+    runs.check_target(out, "--out")
+    meta = runs.verify(folder)
     try:
         model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise vae.UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
     warnings.filterwarnings("ignore", message=".*load in a single process")  # it is
-    # In place into the model's tensors; reassembles the shards of any world size.
-    dcp.load({"model": model.state_dict()}, checkpoint_id=str(folder), no_dist=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mmdit.save_transformer(model.to(DTYPES[args.dtype]), str(out))
-    print(f"exported {out} ({args.dtype}, official {type(model).__name__} layout) from {folder}")
+    load_checkpoint(folder, model)  # in place into the model's tensors; reassembles the shards of any world size
+    runs.check_finite(model.state_dict(), f"the export {out}")
+    runs.on_rank0(write_transformer, model.to(DTYPES[args.dtype]), out)  # an OSError: one line naming the file
+    print(f"exported {out} ({args.dtype}, official {type(model).__name__} layout) from {folder} (step {meta['step']})")
 
 
 # ===== On the meta device: FLOPs for the log's MFU, and the --dry-run per-GPU memory plan =====================
@@ -763,21 +783,18 @@ def check_resolution(resolution: int, factor: int) -> None:
         raise vae.UserError(f"--resolution {resolution} must be a multiple of {2 * factor} (F{factor}, 2×2 patches)")
 
 
-def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def _band_weights(text: str) -> list[float]:
     if len(text.split(",")) != 4:
         raise argparse.ArgumentTypeError("give 4 comma-separated numbers w_LL,w_LH,w_HL,w_HH, e.g. 1,1,1,1")
-    return [float(w) for w in text.split(",")]  # argparse reports a ValueError as an invalid value
+    weights = [number(0)(w) for w in text.split(",")]  # each finite and ≥ 0: a negative one has no minimum
+    if not any(weights):
+        raise argparse.ArgumentTypeError(f"all four are 0 in {text!r}: nothing would be learned")
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__[: __doc__.index("The objective")].rstrip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.Parser(description=__doc__[: __doc__.index("The objective")].rstrip(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{precompute,train,export}")
 
     p = commands.add_parser("precompute", help="encode images and prompts once into latent shards")
@@ -792,12 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5-XXL v1.1 encoder (transformers folder or safetensors file)")
     for name in ("clip-l", "clip-g", "t5"):
         p.add_argument(f"--{name}-tokenizer", help=f"{name.upper()} tokenizer folder (default: the --{name} folder)")
-    p.add_argument("--t5-tokens", type=int, help="T5 sequence length (default: as sample.py, 512 flux-dev, else 256)")
-    p.add_argument("--resolution", type=int, default=4096, help="square crop size after resizing the shorter side")
+    p.add_argument("--t5-tokens", type=positive_int, help="T5 length (default: as sample.py, 512 flux-dev, else 256)")
+    p.add_argument("--resolution", type=positive_int, default=4096, help="square crop after resizing the shorter side")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per VAE call")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--workers", type=whole_number, default=4, help="image decoding processes")
     p.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard file")
     p.add_argument("--store-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the stored tensors")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="encoder compute dtype (default bf16 on GPU, fp32 on CPU)")
@@ -816,40 +833,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the sample order, noise and timesteps")
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="compute dtype (the state: fp32)")
     t.add_argument("--no-activation-checkpointing", action="store_true")
-    t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
+    t.add_argument("--checkpoint-every", type=whole_number, default=1000, help="steps between checkpoints (0: none)")
     t.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", nargs="?", const="latest", help="from a checkpoint folder; alone: the newest of --out")
-    t.add_argument("--stop-after", type=int, help="save a checkpoint and exit after this step (job time limits)")
+    t.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder; alone: --out's newest good one")
+    t.add_argument("--allow-data-change", action="store_true", help="--resume on other shards, samples or seed")
+    t.add_argument("--allow-loss-change", action="store_true", help="--resume with another objective or guidance")
+    t.add_argument("--max-bad-steps", type=positive_int, default=3, help="stop after N non-finite steps in a row")
+    t.add_argument("--stop-after", type=positive_int, help="save a checkpoint, exit after this step (job time limits)")
     t.add_argument("--export-dtype", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--export-name", help="file name of the final export (default transformer.safetensors)")
     t.add_argument("--log-every", type=positive_int, default=10)
-    t.add_argument("--peak-tflops", type=float, help="per-GPU peak for the MFU estimate (default: known GPUs)")
+    t.add_argument("--peak-tflops", type=number(0, above=True), help="per-GPU peak for MFU (default: known GPUs)")
     t.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
     t.add_argument("--no-progress", action="store_true")
     g = t.add_argument_group("AdamW (defaults: the paper's)")
-    g.add_argument("--lr", type=float, default=1e-6, help="learning rate, constant after the warm-up")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.999)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--lr", type=number(0, above=True), default=1e-6, help="learning rate, constant after warm-up")
+    g.add_argument("--warmup-steps", type=whole_number, default=0, help="linear warm-up")
+    g.add_argument("--weight-decay", type=number(0), default=1e-4)
+    g.add_argument("--beta1", type=number(0, 1, below=True), default=0.9)
+    g.add_argument("--beta2", type=number(0, 1, below=True), default=0.999)
+    g.add_argument("--max-grad-norm", type=number(0), default=1.0, help="gradient clipping (0: off)")
     g = t.add_argument_group("the objective (Eq. 10) and its timesteps")
     g.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="wlf: Eq. 10 on x̂0; mse: velocity MSE")
     g.add_argument("--band-weights", type=_band_weights, default=[1.0] * 4, help="w_LL,w_LH,w_HL,w_HH (1,1,1,1: x0 MSE)")
     g.add_argument("--wavelet-levels", type=positive_int, default=1)
     g.add_argument("--timesteps", choices=["uniform", "logit-normal"], default="uniform", help="t sampling")
-    g.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal: mean m of logit(t)")
-    g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal: standard deviation s of logit(t)")
-    g.add_argument("--shift", type=float, default=1.0, help="t ← s·t/(1+(s−1)·t); 1 = no shift")
-    g.add_argument("--guidance", type=float, default=3.5, help="Flux-dev's guidance input during training")
+    g.add_argument("--logit-mean", type=number(), default=0.0, help="logit-normal: mean m of logit(t)")
+    g.add_argument("--logit-std", type=number(0, above=True), default=1.0, help="logit-normal: std s of logit(t)")
+    g.add_argument("--shift", type=number(0, above=True), default=1.0, help="t ← s·t/(1+(s−1)·t); 1: no shift")
+    g.add_argument("--guidance", type=number(), default=3.5, help="Flux-dev's guidance input during training")
     g = t.add_argument_group("--dry-run: print the per-GPU memory plan and exit (no weights, no GPU)")
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--model", help="config name (flux-dev, sd3-medium, ...; default: the shards')")
-    g.add_argument("--resolution", type=int, default=4096, help="image size")
+    g.add_argument("--resolution", type=positive_int, default=4096, help="image size")
     g.add_argument("--f16", action="store_true", help="F16 autoencoder (default F8)")
-    g.add_argument("--text-tokens", type=int, help="context length (default: as precompute encodes)")
-    g.add_argument("--world-size", type=int, help="number of GPUs (default $WORLD_SIZE or 1)")
-    g.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    g.add_argument("--text-tokens", type=positive_int, help="context length (default: as precompute encodes)")
+    g.add_argument("--world-size", type=positive_int, help="number of GPUs (default $WORLD_SIZE or 1)")
+    g.add_argument("--gpu-memory", type=number(0, above=True), default=80, help="GiB per GPU")
 
     e = commands.add_parser("export", help="write one checkpoint as an official-layout safetensors file")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-NNNNNNNN folder of a run")
@@ -857,19 +877,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .safetensors file")
     e.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     return parser
-
-
-def run_command(command, args) -> None:
-    """command(args); a vae.UserError ends the process with its one-line message and status 2. The process group
-    (torchrun's or the 1-rank one) is closed either way."""
-    try:
-        command(args)
-    except vae.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _command(args) -> None:
@@ -886,7 +893,7 @@ def _command(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(_command, build_parser().parse_args(argv))
+    runs.run_command(_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
