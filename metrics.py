@@ -29,8 +29,8 @@ official weight files, each computed as the authors' evaluation computed it.
 
 CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`, and
 the paper's protocol `python metrics.py gen/ --ref eval/ --prompts eval/metadata.jsonl --fid --clip-score
---aesthetics --size 2048`. Imports `UserError`, `atomic_write` and `write_json` from vae.py: the scripts' shared
-error type and atomic writers; and from text_encoders.py CLIP's text tower, its encoder layer (shared by the
+--aesthetics --size 2048`. Imports `UserError`, `atomic_write`, `check_writable` and `write_json` from vae.py: the scripts'
+shared error type, atomic writers and output check; and from text_encoders.py CLIP's text tower, its encoder layer (shared by the
 image tower) and tokenizer.
 """
 import argparse
@@ -52,7 +52,7 @@ from safetensors import safe_open
 from torch import nn
 
 from text_encoders import CLIPEncoderLayer, CLIPText, CLIPTokenizer, load_clip
-from vae import UserError, atomic_write, write_json
+from vae import UserError, atomic_write, check_writable, write_json
 
 # ====================================================================================================
 # GLCM score (Eq. 11): the definition
@@ -1064,32 +1064,43 @@ def resize_shorter_side(image: Image.Image, size: int, resample=Image.Resampling
 # against real), CLIPScore (each generated image against its caption), Aesthetics, GLCM and compression ratio.
 
 
-def read_prompts(path) -> list[tuple[str, Path]]:
-    """(caption, image name) for each line of an Aesthetic-4K metadata.jsonl, {"file_name": ..., "text": ...}; the
-    name is file_name without its extension (a generated JPEG stands for a real PNG). A bad line is an error naming
-    the file and line, not a skip: a generated set short of a prompt would be scored as if it were the whole set."""
-    path = Path(path)
+def read_metadata(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The rows {"file_name", "text", "line"} of an Aesthetic-4K metadata.jsonl (one {"file_name": ..., "text": ...}
+    object per line), and (line, reason) of each line that is not one. Split at newlines only: a caption may hold
+    U+2028. The one reader of this format: training skips bad lines, the evaluation refuses them."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError) as e:
-        raise UserError(f"--prompts {path}: cannot read it ({e})") from None
-    prompts, seen = [], {}
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    rows, bad = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            file_name, text = Path(str(row["file_name"])), str(row["text"])
+            row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"]), "line": number})
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f'{path}:{number}: not a {{"file_name": ..., "text": ...}} object '
-                            f"({type(e).__name__}: {e})") from None
+            bad.append((number, f"{type(e).__name__}: {e}".splitlines()[0]))
+    return rows, bad
+
+
+def read_prompts(path) -> list[tuple[str, Path]]:
+    """(caption, image name) for each line of an evaluation set's metadata.jsonl; the name is file_name without its
+    extension (a generated JPEG stands for a real PNG). A bad line is an error naming the file and line, not a skip:
+    a generated set short of a prompt would be scored as if it were the whole set."""
+    rows, bad = read_metadata(path)
+    if bad:
+        raise UserError(f'{path}:{bad[0][0]}: not a {{"file_name": ..., "text": ...}} object ({bad[0][1]})')
+    prompts, seen = [], {}
+    for row in rows:
+        file_name, number = Path(row["file_name"]), row["line"]
         if file_name.is_absolute() or ".." in file_name.parts or not file_name.name:
             raise UserError(f"{path}:{number}: file_name {str(file_name)!r} is not a path inside the folder")
         if (name := file_name.with_suffix("")) in seen:
             raise UserError(f"{path}:{number}: file_name {str(file_name)!r} names the same image as line "
                             f"{seen[name]}")
         seen[name] = number
-        prompts.append((text, name))
+        prompts.append((row["text"], name))
     if not prompts:
         raise UserError(f"--prompts {path}: no prompts in it")
     return prompts
@@ -1220,20 +1231,6 @@ def _image_row(name: str, rgb: np.ndarray, ref_root: Path | None, args, file_byt
     return row, None, None
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """UserError unless write_json can write `path` (a temporary file beside it, then a rename; missing folders are
-    created): checked before scoring, which can take hours, not after it."""
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory; give a file name")
-    folder = path.parent
-    while not folder.exists():  # the first existing ancestor is where the missing folders would be made
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{flag} {path}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
-        raise UserError(f"{flag} {path}: cannot write in {folder}")
-
-
 def _progress(items: list, desc: str, quiet: bool):
     from tqdm import tqdm
 
@@ -1275,7 +1272,7 @@ def _evaluate(args) -> dict:
     if not root.exists():
         raise UserError(f"{root}: no such file or directory")
     if args.json:
-        _check_writable(Path(args.json), "--json")
+        check_writable(Path(args.json), f"--json {args.json}")
     ref_root = Path(args.ref) if args.ref else None
     if ref_root is not None and not ref_root.is_dir():
         raise UserError(f"--ref {ref_root}: no such directory")
@@ -1297,7 +1294,7 @@ def _evaluate(args) -> dict:
     if args.ref_stats and not Path(args.ref_stats).is_file():
         if not args.fid or ref_root is None:
             raise UserError(f"--ref-stats {args.ref_stats}: no such file; with --fid and --ref it is written")
-        _check_writable(Path(args.ref_stats), "--ref-stats")
+        check_writable(Path(args.ref_stats), f"--ref-stats {args.ref_stats}")
     if args.clip_score and not args.prompts:
         raise UserError("--clip-score scores each image against its caption: give --prompts metadata.jsonl")
     captions = {}

@@ -20,7 +20,8 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
 
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
 every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
-Imports vae for UserError, atomic_write, fsync and write_json: one writer for every file of the project.
+Imports vae for UserError, atomic_write, check_writable, fsync and write_json: one writer (and one check of
+an output path) for every file of the project.
 """
 import argparse
 import datetime
@@ -244,7 +245,7 @@ def open_run(run: Path, files: tuple[Path, ...] = (), folders: tuple[Path, ...] 
     exports written at its end (`files`, `folders`) can be written, remove what killed processes left."""
     lock(run)
     for path in files:
-        check_target(path, "export")
+        vae.check_writable(path, f"export {path}")
     for path in folders:
         if path.exists() and not path.is_dir():
             raise vae.UserError(f"export {path}: is a file, not a folder")
@@ -260,19 +261,6 @@ def clean_leftovers(*folders: Path) -> None:
             if TEMP.fullmatch(p.name) or incomplete:
                 print(f"removed {p} (left by a process that was killed)", flush=True)
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def check_target(path: Path, what: str) -> None:
-    """Fail now, not after the run: `path` is no folder and its folder exists (or can be made) and is writable."""
-    if path.is_dir():
-        raise vae.UserError(f"{what} {path}: is a folder, not a file")
-    probe = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # TEMP's name: cleaned if killed
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise vae.UserError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
 
 
 def open_log(run: Path, step: int, args: dict):

@@ -380,16 +380,6 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """The nearest existing folder on the way to `folder` must take new files."""
-    folder = folder.absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise vae_lib.UserError(f"{what}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise vae_lib.UserError(f"{what}: cannot write in {existing} (read-only)")
-
-
 def plan_jobs(a, rank: int, world: int) -> tuple[list, str]:
     """[(prompt, output paths)] and the image format: one prompt's --num-images images, or one image for each of
     this rank's --prompts lines (rank, rank + world, ...)."""
@@ -397,7 +387,7 @@ def plan_jobs(a, rank: int, world: int) -> tuple[list, str]:
         if a.num_images != 1:
             raise vae_lib.UserError("--num-images: --prompts makes one image per prompt")
         fmt, out = a.format or "jpg", Path(a.out or f"out/{a.model}")
-        check_writable(out, f"--out {out}")
+        vae_lib.check_writable(out, f"--out {out}", folder=True)
         return [(text, [out / f"{name}.{fmt}"]) for text, name in read_prompts(a.prompts)[rank::world]], fmt
     fmt = a.format or FORMATS.get(Path(a.out or "").suffix.lower(), "png")
     out = Path(a.out or f"out/{a.model}-{a.seed}.{fmt}")
@@ -406,7 +396,7 @@ def plan_jobs(a, rank: int, world: int) -> tuple[list, str]:
     if FORMATS.get(out.suffix.lower()) != fmt:
         raise vae_lib.UserError(f"--out {out}: name a .png, .jpg or .jpeg file" +
                                 (f" for --format {a.format}" if a.format else ""))
-    check_writable(out.parent, f"--out {out}")
+    vae_lib.check_writable(out, f"--out {out}")
     if a.num_images > 1:  # -0, -1, ... before the extension
         return [(a.prompt, [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(a.num_images)])], fmt
     return [(a.prompt, [out])], fmt

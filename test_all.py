@@ -555,8 +555,8 @@ def test_metrics_cli_json_target_is_checked_before_scoring(tmp_path, capsys, mon
     (tmp_path / "file.txt").write_text("x")
     scored = []  # spy: the CLI scores every image through glcm_score
     monkeypatch.setattr(metrics, "glcm_score", lambda *a, **k: scored.append(a) or 1.0)
-    for target, why in ((tmp_path, "is a directory; give a file name"),
-                        (tmp_path / "file.txt" / "m.json", f"{tmp_path / 'file.txt'} is not a directory")):
+    for target, why in ((tmp_path, "is a folder, not a file"),
+                        (tmp_path / "file.txt" / "m.json", f"{tmp_path / 'file.txt'} is a file, not a folder")):
         assert metrics.main([str(d), "--json", str(target), "--quiet"]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: --json {target}: {why}"]
     assert scored == []
@@ -578,7 +578,7 @@ def test_metrics_cli_json_in_a_read_only_folder_fails_before_scoring(tmp_path, c
             pytest.skip("this user may write into read-only folders (root with CAP_DAC_OVERRIDE)")
         for target in (locked / "m.json", locked / "sub" / "m.json"):
             assert metrics.main([str(d), "--json", str(target), "--quiet"]) == 2
-            assert capsys.readouterr().err.splitlines() == [f"error: --json {target}: cannot write in {locked}"]
+            assert capsys.readouterr().err.splitlines() == [f"error: --json {target}: cannot write in {locked} (read-only)"]
     finally:
         locked.chmod(0o755)
     assert scored == []
@@ -3583,7 +3583,6 @@ def test_train_wlf_precompute_refuses_changed_data(_train_wlf_assets, tmp_path, 
     assert "holds shards of other data: 1 change(s)" in line and "line 5 (img2.png): caption" in line, line
 
     (data / "metadata.jsonl").write_text(metadata)
-    before = (data / "img0.png").stat()
     Image.new("RGB", (40, 48), "red").save(data / "img0.png")  # another image under the same name
     assert "line 1 (img0.png): file size, file time" in _train_wlf_error(train_wlf.main, args, capsys)
 

@@ -29,7 +29,7 @@ the loss settings, which --resume must match.
 
 Imports from other scripts, to keep one mechanism for each concern: train_wlf's SampleStream (the seeded
 sample order); runs.py's process group (torchrun or a 1-rank group), run folder, checkpoints and argument
-checks; metrics' image reader (and its resize and unreadable-file types), LPIPS and the reconstruction metrics.
+checks; metrics' image reader (and its resize, image suffixes and unreadable-file types), LPIPS and the reconstruction metrics.
 """
 import argparse
 import random
@@ -269,16 +269,15 @@ def load_models(args, device: torch.device) -> SCVAE:
 # ---------------------------------------------------------------------------------------------------------
 # Data: every image under a folder (recursively), random crops at native resolution, the sample stream
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
 
 def list_images(folder: Path, flag: str = "--data") -> list[Path]:
     """Every image file under `folder`, recursively, sorted; vae.UserError (naming `flag`) if there is none."""
     if not folder.is_dir():
         raise vae.UserError(f"{flag} {folder}: no such directory")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    suffixes = metrics.IMAGE_SUFFIXES
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and not p.name.startswith("."))
     if not files:
-        raise vae.UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        raise vae.UserError(f"{flag} {folder}: no images ({', '.join(suffixes)}) in it")
     return files
 
 
@@ -383,7 +382,7 @@ def evaluate(args) -> None:
     if trained is not None and not Path(trained).exists():
         raise vae.UserError(f"--trained {trained}: not found (train first, or give the exported F16 autoencoder)")
     if args.json:
-        runs.check_target(Path(args.json), "--json")  # before the models and the images, not after
+        vae.check_writable(Path(args.json), f"--json {args.json}")  # before the models and the images, not after
     try:
         models = {"F8": vae.load_vae(args.vae, stride=1, device=device, dtype=dtype, config=args.config),
                   "F16 before": vae.load_vae(args.vae, stride=2, device=device, dtype=dtype, config=args.config)}

@@ -29,13 +29,12 @@ settings, and --resume takes the newest one that verifies and refuses other data
 
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
-From the other scripts: `metrics.load_image`, the one image reader (EXIF orientation, alpha dropped, 16-bit
-high byte), so training sees an image as the metrics do, with its resize and unreadable-file types; vae's
-`UserError`, `atomic_write`, `write_json`; runs.py, the machinery shared with train_vae.py (process group,
+From the other scripts: `metrics.read_metadata`, the one reader of metadata.jsonl, and `metrics.load_image`, the
+one image reader (EXIF orientation, alpha dropped, 16-bit high byte), so training sees an image as the metrics do,
+with its resize and unreadable-file types; vae's `UserError`, `atomic_write`, `check_writable`, `write_json`; runs.py, the machinery shared with train_vae.py (process group,
 run folder, checkpoints, fingerprints, argument checks, one-line errors).
 """
 import argparse
-import json
 import os
 import random
 import time
@@ -252,26 +251,15 @@ def train(args) -> None:
 # ===== Data: images + metadata.jsonl (Aesthetic-4K's format) -> precompute -> shards + manifest.json ==========
 
 def read_metadata(folder: Path) -> tuple[list[dict], list[dict]]:
-    """Rows {"file_name", "text", "line"} of folder/metadata.jsonl, and the lines that could not be used (each
-    reported in one line naming the file and line number). Split at newlines only: a caption may hold U+2028."""
+    """Rows {"file_name", "text", "line"} of folder/metadata.jsonl (metrics.read_metadata), and the lines that could
+    not be used, each reported in one line naming the file and line number: they are skipped, the rest trains."""
     if not (path := folder / "metadata.jsonl").is_file():
         raise vae.UserError(f"{path} not found: the data folder needs a metadata.jsonl with one "
                             '{"file_name": ..., "text": ...} object per line')
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as e:
-        raise vae.UserError(f"cannot read {path}: {e.strerror or e}") from None
-    rows, bad = [], []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
-            rows.append({"file_name": str(row["file_name"]), "text": str(row["text"]), "line": lineno})
-        except (ValueError, KeyError, TypeError) as e:
-            reason = f"bad line ({type(e).__name__}: {e})".splitlines()[0]
-            bad.append({"file_name": f"metadata.jsonl:{lineno}", "reason": reason})
-            print(f"skipped {path}:{lineno}: {reason}", flush=True)
+    rows, lines = metrics.read_metadata(path)
+    bad = [{"file_name": f"metadata.jsonl:{line}", "reason": f"bad line ({why})"} for line, why in lines]
+    for line, why in lines:
+        print(f"skipped {path}:{line}: bad line ({why})", flush=True)
     if not rows:
         first = f" ({bad[0]['file_name']}: {bad[0]['reason']})" if bad else ""
         raise vae.UserError(f"{path}: no usable line{first}")
@@ -602,7 +590,7 @@ def write_transformer(model: nn.Module, path: Path) -> None:
 def export_checkpoint(args) -> None:
     """`export`: one sharded checkpoint -> one official-layout safetensors file, in a single process."""
     folder, out = Path(args.checkpoint), Path(args.out)
-    runs.check_target(out, "--out")
+    vae.check_writable(out, f"--out {out}")
     meta = runs.verify(folder)
     try:
         model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)

@@ -479,6 +479,19 @@ def atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
+    """Fail before the work, not after it: `path` (a file; with folder=True a folder) can be written, that is the
+    nearest existing folder on its way takes new files. `what` names the target in the message ("--out x.png")."""
+    path = Path(path).absolute()
+    if not folder and path.is_dir():
+        raise UserError(f"{what}: is a folder, not a file")
+    existing = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
+        raise UserError(f"{what}: cannot write in {existing} (read-only)")
+
+
 def fsync(path) -> None:
     """Flush a file's (or a folder's: its entries) data to the disk."""
     fd = os.open(path, os.O_RDONLY)
