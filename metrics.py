@@ -29,9 +29,9 @@ official weight files, each computed as the authors' evaluation computed it.
 
 CLI: `python metrics.py DIR [--ref DIR [--lpips]] [--json OUT] [--crop N] [--glcm-entropy distinct|haralick]`, and
 the paper's protocol `python metrics.py gen/ --ref eval/ --prompts eval/metadata.jsonl --fid --clip-score
---aesthetics --size 2048`. Imports `UserError`, `atomic_write`, `check_writable` and `write_json` from vae.py: the scripts'
-shared error type, atomic writers and output check; and from text_encoders.py CLIP's text tower, its encoder layer (shared by the
-image tower) and tokenizer.
+--aesthetics --size 2048`. Imports from vae.py `UserError`, `atomic_write`, `check_writable`, `pick_device` and
+`write_json`: the scripts' shared error type, atomic writers and checks of an output path and a device; and
+from text_encoders.py CLIP's text tower, its encoder layer (shared by the image tower) and tokenizer.
 """
 import argparse
 import functools
@@ -52,7 +52,7 @@ from safetensors import safe_open
 from torch import nn
 
 from text_encoders import CLIPEncoderLayer, CLIPText, CLIPTokenizer, load_clip
-from vae import UserError, atomic_write, check_writable, write_json
+from vae import UserError, atomic_write, check_writable, pick_device, write_json
 
 # ====================================================================================================
 # GLCM score (Eq. 11): the definition
@@ -1278,12 +1278,7 @@ def _evaluate(args) -> dict:
         raise UserError(f"--ref {ref_root}: no such directory")
     if args.crop is not None and args.crop < GLCM_PATCH:
         raise UserError(f"--crop must be at least {GLCM_PATCH}, got {args.crop}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = pick_device(args.device)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.size is not None and args.size < GLCM_PATCH:

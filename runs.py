@@ -20,8 +20,8 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
 
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
 every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
-Imports vae for UserError, atomic_write, check_writable, fsync and write_json: one writer (and one check of
-an output path) for every file of the project.
+Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and write_json: one writer (and one
+check of an output path, one of a device) for every script of the project.
 """
 import argparse
 import datetime
@@ -56,10 +56,7 @@ TEMP = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[0-9a-f]{32}\.tmp)?|\.step-\d{8
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
     (FSDP2 included) runs as a plain `python train_wlf.py train ...` (or train_vae.py)."""
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
-        torch.cuda.set_device(device)
+    device = vae.pick_device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=30)  # saving, or verifying, 12B parameters' optimizer state takes a while
     if not dist.is_initialized():

@@ -361,25 +361,6 @@ def save_image(image: torch.Tensor, path, metadata: dict, fmt: str = "png", qual
 # Command line: every check that can fail runs before the weights load
 
 
-def pick_device(name: str) -> torch.device:
-    """--device as a torch.device; under torchrun a CUDA run takes GPU LOCAL_RANK."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise vae_lib.UserError(f"--device {name}: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise vae_lib.UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise vae_lib.UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(device)  # synchronize() and the memory statistics read the current device
-    return device
-
-
 def plan_jobs(a, rank: int, world: int) -> tuple[list, str]:
     """[(prompt, output paths)] and the image format: one prompt's --num-images images, or one image for each of
     this rank's --prompts lines (rank, rank + world, ...)."""
@@ -446,7 +427,7 @@ def main(argv=None) -> int:
                                     f"32 bits, so other seeds repeat these), got {a.seed}")
         if not 1 <= a.quality <= 100:
             raise vae_lib.UserError(f"--quality must be in 1..100, got {a.quality}")
-        device = pick_device(a.device)
+        device = vae_lib.pick_device(a.device)
         jobs, fmt = plan_jobs(a, rank, world)
         share = len(jobs)
         if a.prompts:  # a killed run continues where it stopped: the images it wrote are whole (atomic_write)

@@ -3006,7 +3006,7 @@ _SAMPLE_PROMPT_FILES = {
     (["--prompts", "{tmp}/escape.jsonl"], "{tmp}/escape.jsonl:1: file_name '../a.jpg' is not a path inside"),
     (["--prompts", "{tmp}/twice.jsonl"], "{tmp}/twice.jsonl:2: file_name 'a.png' names the same image as line 1"),
     (["--prompts", "{tmp}/empty.jsonl"], "--prompts {tmp}/empty.jsonl: no prompts in it"),
-    (["--prompts", "{tmp}/missing.jsonl"], "--prompts {tmp}/missing.jsonl: cannot read it"),
+    (["--prompts", "{tmp}/missing.jsonl"], "cannot read {tmp}/missing.jsonl: No such file or directory"),
     (["p", "--prompts", "{tmp}/good.jsonl"], "give one prompt or --prompts FILE"),
     (["--prompts", "{tmp}/good.jsonl", "--num-images", "2"], "--num-images: --prompts makes one image per prompt"),
 ])

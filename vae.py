@@ -479,6 +479,26 @@ def atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def pick_device(name: str) -> torch.device:
+    """--device as a torch.device, or UserError in one line. A bare "cuda" is GPU LOCAL_RANK (set by torchrun),
+    made the current device: synchronize() and the memory statistics read that one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+    return device
+
+
 def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
     """Fail before the work, not after it: `path` (a file; with folder=True a folder) can be written, that is the
     nearest existing folder on its way takes new files. `what` names the target in the message ("--out x.png")."""
