@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import vae
 
@@ -548,3 +549,26 @@ def run_command(command, args) -> None:
         unlock_all()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ===== Several nodes: hybrid sharding (HSDP) ===================================================================
+
+def check_shard_group(world: int, shard_group: int | None) -> int:
+    """The ranks one copy of the state is sharded over: --shard-group N (typically one node's GPUs), by default
+    all of them. The world must be whole groups of N, each a full replica."""
+    group = shard_group or world
+    if world % group:
+        raise vae.UserError(f"--shard-group {group} does not divide the world size {world}: every rank must be in "
+                            f"one of world / N groups of N ranks")
+    return group
+
+
+def shard_mesh(device: torch.device, world: int, shard_group: int | None):
+    """The DeviceMesh for FSDP2's fully_shard. One group: 1-D, the state is split over every rank (FSDP). Several
+    groups: 2-D (replicate × shard); parameters, gradients and optimizer state are split within a group of N ranks
+    and replicated across the world / N groups (HSDP). Gradients are then reduce-scattered within the group (the
+    fast links of one node) and all-reduced across groups, over 1/N of the bytes (the slower network)."""
+    group = check_shard_group(world, shard_group)
+    if group == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))

@@ -19,7 +19,9 @@ the Haar transform is orthonormal (Parseval); only unequal weights make the wave
 
 Parallelism: FSDP2 (`fully_shard` per block, then the root) keeps fp32 parameters, gradients and AdamW state
 sharded and gathers one block's parameters in bf16 at a time; gradients are reduce-scattered in fp32; each
-block is recomputed in backward (activation checkpointing). Checkpoints are sharded (DCP), resharded on load.
+block is recomputed in backward (activation checkpointing). On several nodes, --shard-group N (a node's GPUs)
+shards the state within groups of N ranks and replicates it across groups (HSDP: runs.shard_mesh). Checkpoints
+are sharded (DCP), resharded on load: the world size and the shard group may change between jobs.
 Determinism: the sample order is one permutation per epoch, and each sample's t and ε are drawn from
 (seed, its position in the sample stream); nothing draws from a global RNG. A run thus depends on the global
 batch, not on its split over GPUs and accumulation steps, and resuming reproduces it exactly.
@@ -52,7 +54,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -131,6 +132,7 @@ def train(args) -> None:
     # Our output is reshaped, not modified in place, so FSDP's pre-backward hook on it stays intact.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     rank, world, device = runs.setup_distributed(args.device)
+    mesh = runs.shard_mesh(device, world, args.shard_group)  # a --shard-group that does not divide: refused now
     say = tqdm.write if rank == 0 else (lambda message: None)  # rank 0 speaks (above the progress bar)
     run = Path(args.out)
     export = run / (args.export_name or "transformer.safetensors")
@@ -157,7 +159,6 @@ def train(args) -> None:
     # reduce-scattered in fp32. Inputs are not cast: RoPE's fp32 frequencies must reach the blocks as fp32.
     policy = MixedPrecisionPolicy(param_dtype=None if args.precision == "fp32" else DTYPES[args.precision],
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
-    mesh = init_device_mesh(device.type, (world,))
     for block in model.blocks():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embedders, final layer
@@ -183,8 +184,9 @@ def train(args) -> None:
     if rank == 0:
         log_file = runs.open_log(run, step, vars(args))  # args.json; log.jsonl without the records after `step`
         n = sum(p.numel() for p in model.parameters())  # DTensors: global sizes
+        hsdp = f"; state sharded over {mesh.size(1)} ranks, {mesh.size(0)} replicas" if mesh.ndim == 2 else ""
         print(f"{family}, {n / 1e6:,.1f} M parameters; {len(shards)} samples; global batch {global_batch} = {world} "
-              f"rank(s) × {args.batch_size} × {args.grad_accum} accumulation; {tokens} tokens/sample", flush=True)
+              f"rank(s) × {args.batch_size} × {args.grad_accum} accumulation; {tokens} tokens/sample{hsdp}", flush=True)
     progress = tqdm(total=args.steps, initial=step, desc="train", disable=rank != 0 or args.no_progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -688,12 +690,15 @@ def probe_activations(model: nn.Module, latent_shape: tuple[int, ...], text_toke
 
 
 def memory_plan(params, *, latent_hw: tuple[int, int], text_tokens: int, batch: int, world_size: int,
-                gpu_gib: float, precision: str = "bf16", activation_checkpointing: bool = True) -> dict:
+                gpu_gib: float, precision: str = "bf16", activation_checkpointing: bool = True,
+                shard_group: int | None = None) -> dict:
     """The per-GPU memory at the peak of a training step (in backward; the optimizer step's temporaries come
     when the activations are gone): {"rows": [(label, bytes)], "allocated" (what torch.cuda.max_memory_allocated
-    reports), "total", "fits", "header"}. Parameters, gradients and AdamW's moments are fp32, sharded; FSDP
-    gathers one block (plus one prefetched) in the compute dtype, whose gradient exists in that dtype and in
-    fp32 for the reduce-scatter. Activations are measured by `probe_activations`, not guessed."""
+    reports), "total", "fits", "header"}. Parameters, gradients and AdamW's moments are fp32, sharded over
+    `shard_group` GPUs (default all; HSDP replicates them across groups); FSDP gathers one block (plus one
+    prefetched) in the compute dtype; its gradient exists in that dtype, then in fp32 for the reduce-scatter, with
+    the previous block's still in flight. Activations are measured by `probe_activations`, not guessed."""
+    shards = runs.check_shard_group(world_size, shard_group)
     dtype = DTYPES[precision]
     model = meta_model(params, dtype)
     blocks = model.blocks()
@@ -702,11 +707,12 @@ def memory_plan(params, *, latent_hw: tuple[int, int], text_tokens: int, batch: 
     probe = probe_activations(model, (batch, 16, *latent_hw), text_tokens, dtype)  # a few seconds for 57 blocks
 
     c = dtype.itemsize
-    rows = [("parameters, fp32, sharded", 4 * n / world_size),
-            ("gradients, fp32, sharded", 4 * n / world_size),
-            ("AdamW moments m and v, fp32, sharded", 8 * n / world_size),
+    rows = [(f"parameters, fp32, sharded over {shards}", 4 * n / shards),
+            (f"gradients, fp32, sharded over {shards}", 4 * n / shards),
+            (f"AdamW moments m and v, fp32, sharded over {shards}", 8 * n / shards),
             (f"gathered parameters: 2 blocks ({precision}) + non-block layers", c * (2 * max(block_n) + n - sum(block_n))),
-            (f"unsharded gradients of 1 block ({precision} + fp32 for reduce-scatter)", (c + 4) * max(block_n))]
+            (f"unsharded gradients of 1 block ({precision})", c * max(block_n)),
+            ("reduce-scatter inputs of 2 blocks in flight (fp32)", 2 * 4 * max(block_n))]
     # In a block's backward: its recomputed activations, plus gradient buffers: the incoming and outgoing
     # activation gradients (≈ 2 × the block's inputs) and about two of its largest intermediates.
     transients = [2 * probe["block_input"][i] + 2 * probe["block_largest"][i] for i in range(len(blocks))]
@@ -724,8 +730,9 @@ def memory_plan(params, *, latent_hw: tuple[int, int], text_tokens: int, batch: 
     total = sum(b for _, b in rows)
     header = (f"Memory plan per GPU: {n / 1e9:.2f} B parameters ({len(blocks)} blocks), latents 16×{latent_hw[0]}×"
               f"{latent_hw[1]} → {(latent_hw[0] // 2) * (latent_hw[1] // 2)} image + {text_tokens} text tokens, "
-              f"batch {batch} per GPU × {world_size} GPUs, {precision} compute, FSDP2, activation checkpointing "
-              f"{'on' if activation_checkpointing else 'off'}")
+              f"batch {batch} per GPU × {world_size} GPUs, {precision} compute, "
+              f"{'FSDP2' if shards == world_size else f'HSDP ({world_size // shards} replicas × {shards} shards)'}, "
+              f"activation checkpointing {'on' if activation_checkpointing else 'off'}")
     return {"rows": rows, "allocated": allocated, "total": total, "fits": total <= gpu_gib * GiB,
             "gpu_gib": gpu_gib, "header": header, "parameters": n}
 
@@ -734,7 +741,7 @@ def format_plan(plan: dict) -> str:
     lines = [plan["header"]] + [f"  {label:<72} {value / GiB:8.2f} GiB" for label, value in plan["rows"]]
     total, gpu = plan["total"] / GiB, plan["gpu_gib"]
     verdict = f"fits ({gpu - total:.1f} GiB headroom)" if plan["fits"] else f"does NOT fit (short by {total - gpu:.1f} GiB)"
-    lines.append(f"  {'total':<72} {total:8.2f} GiB of {gpu:g} GiB -> {verdict}")
+    lines.append(f"  {'total':<72} {total:8.2f} GiB of {gpu:.4g} GiB -> {verdict}")
     return "\n".join(lines)
 
 
@@ -753,9 +760,12 @@ def dry_run(args) -> None:
         # As `precompute` encodes by default: T5 tokens (Flux), 77 CLIP + T5 tokens (SD3).
         text_tokens = args.text_tokens or (512 if name == "flux-dev" else 256) + (0 if name.startswith("flux") else 77)
     check_model_name(name)
+    cuda = torch.cuda.is_available()  # default: this card's memory as torch sees it ("80 GB": ~79.2 GiB), else 80
+    gpu_gib = args.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / GiB if cuda else 80)
     plan = memory_plan(mmdit.CONFIGS[name], latent_hw=latent_hw, text_tokens=text_tokens, batch=args.batch_size,
-                       world_size=args.world_size or int(os.environ.get("WORLD_SIZE", 1)), gpu_gib=args.gpu_memory,
-                       precision=args.precision, activation_checkpointing=not args.no_activation_checkpointing)
+                       world_size=args.world_size or int(os.environ.get("WORLD_SIZE", 1)), gpu_gib=gpu_gib,
+                       precision=args.precision, activation_checkpointing=not args.no_activation_checkpointing,
+                       shard_group=args.shard_group)
     print(f"{name}: {format_plan(plan)}")
 
 
@@ -833,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=positive_int, default=10)
     t.add_argument("--peak-tflops", type=number(0, above=True), help="per-GPU peak for MFU (default: known GPUs)")
     t.add_argument("--device", help="default cuda:LOCAL_RANK if available, else cpu")
+    t.add_argument("--shard-group", type=positive_int, help="shard the state over groups of N ranks (one node), "
+                   "replicated across groups (HSDP; default: one group of all ranks)")
     t.add_argument("--no-progress", action="store_true")
     g = t.add_argument_group("AdamW (defaults: the paper's)")
     g.add_argument("--lr", type=number(0, above=True), default=1e-6, help="learning rate, constant after warm-up")
@@ -857,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--f16", action="store_true", help="F16 autoencoder (default F8)")
     g.add_argument("--text-tokens", type=positive_int, help="context length (default: as precompute encodes)")
     g.add_argument("--world-size", type=positive_int, help="number of GPUs (default $WORLD_SIZE or 1)")
-    g.add_argument("--gpu-memory", type=number(0, above=True), default=80, help="GiB per GPU")
+    g.add_argument("--gpu-memory", type=number(0, above=True), help="GiB per GPU (default: this GPU's, else 80)")
 
     e = commands.add_parser("export", help="write one checkpoint as an official-layout safetensors file")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-NNNNNNNN folder of a run")
