@@ -3795,6 +3795,10 @@ def test_train_wlf_hsdp_matches_single_process_and_reshards(_train_wlf_assets, t
     result = _train_wlf_run(_train_wlf_train_args(root, "flux", run["a"], *common, "--batch-size", "1",
                                                   "--shard-group", "2"), 4, tmp_path)
     assert "state sharded over 2 ranks, 2 replicas" in result.stdout
+    # Each tensor is stored in 2 pieces, not 4: split over the 2 ranks of a group, the replica written once.
+    from torch.distributed.checkpoint import FileSystemReader
+    stored = FileSystemReader(str(run["a"] / "checkpoints" / "step-00000001")).read_metadata().state_dict_metadata
+    assert {len(m.chunks) for k, m in stored.items() if k.startswith("model.")} == {2}
     for source, target, step, nproc, extra in ((run["a"], run["c"], 1, 2, ("--batch-size", "2")),
                                                (run["c"], run["d"], 2, 4, ("--batch-size", "1", "--shard-group", "2"))):
         name = f"step-{step:08d}"
@@ -3806,18 +3810,22 @@ def test_train_wlf_hsdp_matches_single_process_and_reshards(_train_wlf_assets, t
     start = _train_wlf_tensors(root / "flux.safetensors")
     b = _train_wlf_tensors(run["b"] / "transformer.safetensors")
     assert max((b[k] - start[k]).abs().max().item() for k in b) > 1e-3  # 3 Adam steps of lr 1e-3 moved them
-    log_b = _train_wlf_log(run["b"])
+    log_b = {r["step"]: r for r in _train_wlf_log(run["b"])}
     for name in "acd":
+        # The losses and gradient norms of the steps each run took (the resumed ones: the later steps). Measured:
+        # equal to ≤ 1e-7 (rel). The norm is of the gradient after the reductions over ranks: a wrong averaging
+        # factor (HSDP's all-reduce over the groups) would show here, not in Adam's scale-free update.
+        for r in _train_wlf_log(run[name]):
+            for key in ("loss", "grad_norm"):
+                assert abs(r[key] - log_b[r["step"]][key]) <= 1e-5 * log_b[r["step"]][key], (name, key, r)
         other = _train_wlf_tensors(run[name] / "transformer.safetensors")
         assert other.keys() == b.keys()
-        # The same fp32 gradients summed in other orders (4 ranks: reduce-scatter within a group, all-reduce
-        # across groups; 2 ranks; one batch of 4) differ by a few ulps; through 3 Adam steps, whose update
-        # normalises the gradient, that stays ~1e-6 of weights of size ~0.1-1. Measured: ≤ 2e-7 (rel).
+        # One process multiplies a batch of 4 at once; 2 or 4 ranks sum their gradients over ranks: fp32 sums in
+        # another order. A gradient element that nearly cancels over the 4 samples keeps few exact bits, and Adam
+        # (m / √v) makes its update ~lr whatever its size: measured, the weights differ by ≤ 1.3e-6 (the updates
+        # are 3e-3), 1.9e-5 of a tensor's largest weight. Between the distributed runs: 1.5e-6.
         error = max(rel(other[k], b[k]) for k in b)
-        assert error <= 1e-5, (name, error)
-        log = _train_wlf_log(run[name])  # the losses of the steps each run took (resumed runs: the later ones)
-        for r in log:
-            assert abs(r["loss"] - log_b[r["step"] - 1]["loss"]) <= 1e-5 * abs(log_b[r["step"] - 1]["loss"]), (name, r)
+        assert error <= 5e-5, (name, error)
 
 
 def test_train_wlf_dry_run_shard_group(capsys):
