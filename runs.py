@@ -24,8 +24,10 @@ Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and 
 check of an output path, one of a device) for every script of the project.
 """
 import argparse
+import collections
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -548,3 +551,42 @@ def run_command(command, args) -> None:
         unlock_all()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ===== Data: ranks that cut the same batches, and reading ahead ================================================
+
+def smallest(value: int) -> int:
+    """The smallest of every rank's `value` (an all-reduce of one number): a batch size that fits on every GPU."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
+class ReadAhead:
+    """fn(key) for each key of `keys` in order, computed up to `depth` keys ahead by a background thread, so that
+    reading the next batches overlaps the step on this one. `next()` returns them in order; an error of fn is
+    raised there. `waited` sums the seconds `next()` spent blocked: the step time lost to the data. The thread
+    idles (blocked, not polling) when nothing is asked, and ends with the object, or at `close`."""
+
+    def __init__(self, fn, keys, depth: int = 2):
+        self.fn, self.keys, self.waited = fn, iter(keys), 0.0
+        self.pool = ThreadPoolExecutor(max_workers=1)  # one reader: the keys are read in their order
+        self.pending = collections.deque()
+        for _ in range(depth):
+            self._submit()
+
+    def _submit(self) -> None:
+        for key in itertools.islice(self.keys, 1):
+            self.pending.append(self.pool.submit(self.fn, key))
+
+    def next(self):
+        tic = time.perf_counter()
+        value = self.pending.popleft().result()
+        self.waited += time.perf_counter() - tic
+        self._submit()
+        return value
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
