@@ -2,7 +2,7 @@
 
 Two stages, so that no encoder is loaded while the transformer trains; and a memory plan without GPUs:
 
-    python train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev --vae ae_f16.safetensors --f16 \\
+    torchrun --nproc_per_node 8 train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev --vae ae_f16.safetensors --f16 \\
         --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
     torchrun --nproc_per_node 8 train_wlf.py train --shards shards/ --transformer flux1-dev.safetensors \\
         --out runs/wlf --steps 20000 --batch-size 4      # on one GPU: python train_wlf.py train ...
@@ -26,6 +26,8 @@ batch, not on its split over GPUs and accumulation steps, and resuming reproduce
 Safety (runs.py): the run folder is locked; a step with a non-finite loss or gradient norm makes no update, and
 --max-bad-steps of them in a row stop the run; checkpoints carry checksums, the data's fingerprint and the loss
 settings, and --resume takes the newest one that verifies and refuses other data unless told.
+Data: precompute's ranks encode batch-aligned parts of the rows, merged into the one-process order, bit for bit;
+training reads its next micro-batches in a thread while it steps (log.jsonl's data_wait: the time left waiting).
 
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
@@ -175,8 +177,8 @@ def train(args) -> None:
             f"{meta['global_batch']} then, {global_batch} now)")
 
     # This rank's micro-batches, read a step ahead in a background thread (the order is known in advance).
-    reader = runs.ReadAhead(shards.get_at, rank_batches(SampleStream(len(shards), args.seed), position, args.batch_size,
-                                                        args.grad_accum, world, rank), depth=2 * args.grad_accum)
+    batches = rank_batches(SampleStream(len(shards), args.seed), position, args.batch_size, args.grad_accum, world, rank)
+    reader = runs.ReadAhead(lambda key: (key[0], shards.get(key[1])), batches, depth=2 * args.grad_accum)
     latent_hw, text_tokens = tuple(shards.manifest["latent_shape"][-2:]), shards.manifest["context_shape"][0]
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) + text_tokens  # 2×2 latent patches, then the text
     flops = train_flops_per_sample(model.params, latent_hw, text_tokens) if rank == 0 else 0.0
@@ -369,10 +371,9 @@ def check_same_job(out: Path, manifest: dict, settings: dict, table: list, rows:
                             "again with --overwrite, or use another --out")
 
 
-def open_job(out: Path, data: Path, settings: dict, overwrite: bool):
-    """Rank 0, holding the lock: (rows, bad metadata lines, manifest) of the job to do in `out` (manifest None:
-    a new job), or None when it is already complete. Refuses another job's shards (`check_same_job`)."""
-    rows, bad_lines = read_metadata(data)
+def open_job(out: Path, data: Path, rows: list[dict], settings: dict, overwrite: bool) -> dict | None:
+    """Rank 0, holding the lock: the manifest of the job to do in `out` (a new one, or an interrupted one to
+    continue), or None when it is already complete. Refuses another job's shards (`check_same_job`)."""
     table = [[r["file_name"], *runs.file_stats(data / r["file_name"]), r["text"]] for r in rows]
     path = out / "manifest.json"
     if path.is_file() and overwrite:
@@ -380,8 +381,8 @@ def open_job(out: Path, data: Path, settings: dict, overwrite: bool):
             f.unlink(missing_ok=True)
     if not path.is_file():  # a new job: what each row was made from goes beside the shards, its digest into the manifest
         vae.write_json(out / "rows.json", table)
-        return rows, bad_lines, {"format": SHARD_FORMAT, "version": 3, **settings, "rows": runs.digest(table),
-                                 "complete": False, "shards": [], "num_samples": 0, "skipped": []}
+        return {"format": SHARD_FORMAT, "version": 3, **settings, "rows": runs.digest(table), "complete": False,
+                "shards": [], "num_samples": 0, "skipped": []}
     manifest = runs.read_json(path)
     check_same_job(out, manifest, settings, table, rows)
     if manifest["complete"]:
@@ -390,7 +391,7 @@ def open_job(out: Path, data: Path, settings: dict, overwrite: bool):
     if "parts" not in manifest:
         raise vae.UserError(f"{out} holds an interrupted precompute of an older version of this script; run it "
                             "again with --overwrite")
-    return rows, bad_lines, manifest
+    return manifest
 
 
 def plan_parts(out: Path, manifest: dict, n_rows: int, world: int, batch: int) -> dict:
@@ -481,11 +482,12 @@ def merge_parts(out: Path, manifest: dict, bad_lines: list[dict]) -> dict:
             shards.append({**shard, "file": name})
         skipped += progress["skipped"]
         shapes = shapes or {k: progress[k] for k in ("latent_shape", "context_shape", "pooled_dim") if k in progress}
+    if not shards:
+        raise vae.UserError(f"{manifest['data']}: no readable image among {manifest['parts'][-1][1]} metadata rows; "
+                            "nothing was written")
     manifest = {k: v for k, v in manifest.items() if k != "parts"}
     manifest.update(shapes, shards=shards, num_samples=sum(s["count"] for s in shards), skipped=skipped,
                     complete=True)
-    if manifest["num_samples"] == 0:
-        raise vae.UserError(f"{manifest['data']}: no readable image among the metadata rows; nothing was written")
     vae.fsync(out)  # the renames are durable before the manifest names the new files
     vae.write_json(out / "manifest.json", manifest)
     for leftover in out.glob("part-*"):
@@ -504,6 +506,7 @@ def precompute(args) -> None:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     data, out = Path(args.data), Path(args.out)
     runs.on_rank0(runs.open_run, out)  # locked, writable, leftovers of a killed precompute removed
+    rows, bad_lines = runs.on_rank0(read_metadata, data)
     vae_path = args.vae or args.weights
     if vae_path is None:
         raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
@@ -518,9 +521,8 @@ def precompute(args) -> None:
                 "vae_factor": ae.factor, "vae_scale": ae.scale_factor, "vae_shift": ae.shift_factor,
                 "text_encoders": [str(p) for p in (args.weights, args.clip_l, args.clip_g, args.t5) if p],
                 "t5_tokens": t5_length, "store_dtype": args.store_dtype, **encoder_files(args)}
-    if (job := runs.on_rank0(open_job, out, data, settings, args.overwrite)) is None:
+    if (manifest := runs.on_rank0(open_job, out, data, rows, settings, args.overwrite)) is None:
         return
-    rows, bad_lines, manifest = job
     conditioner = load_conditioner(args, t5_length, device, dtype)
     batch = plan_batch(args, ae, device, dtype)
     manifest = runs.on_rank0(plan_parts, out, manifest, len(rows), world, batch)
@@ -591,10 +593,6 @@ class LatentShards:
                 out[name].append(self._open[file].get_slice(name)[i : i + 1])
         return {name: torch.cat(values) for name, values in out.items()}
 
-    def get_at(self, key: tuple[int, list[int]]) -> tuple[int, dict[str, Tensor]]:
-        """(position, get(indices)) for a key (position, indices) of `rank_batches`."""
-        return key[0], self.get(key[1])
-
 
 class SampleStream:
     """An endless stream of sample indices: epoch after epoch, each a permutation drawn from (seed, epoch).
@@ -613,8 +611,8 @@ class SampleStream:
 
 def rank_batches(stream: SampleStream, position: int, batch: int, accumulation: int, world: int, rank: int):
     """(first, sample indices at stream positions first..first+batch−1) of this rank's micro-batches, step after
-    step from `position`: in a step of world·accumulation micro-batches, micro-step m of rank r is the
-    (m·world + r)-th. The same split as any world size's, so a run depends on the global batch only."""
+    step from `position`: of a step's world·accumulation micro-batches, micro-step m of rank r takes the
+    (m·world + r)-th. Known in advance, so they can be read ahead."""
     while True:
         for micro in range(accumulation):
             first = position + (micro * world + rank) * batch
