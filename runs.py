@@ -18,6 +18,8 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
 - Leftovers of killed processes (temp files, temp folders, half-deleted checkpoints) are removed at the
   start; log.jsonl is cut back to the step the run continues from.
 
+Data: `smallest` gives every rank the same batch size; `ReadAhead` reads the next batches in a thread.
+
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
 every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
 Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and write_json: one writer (and one

@@ -3388,8 +3388,8 @@ def test_train_wlf_reads_ahead_the_same_batches(_train_wlf_assets, tmp_path, mon
     reader.close()
 
     root = _train_wlf_assets
-    args = lambda out: _train_wlf_train_args(root, "flux", out, "--steps", "3", "--batch-size", "1", "--grad-accum", "2",
-                                             "--checkpoint-every", "0")
+    args = lambda out: _train_wlf_train_args(root, "flux", out, "--steps", "3", "--batch-size", "1",
+                                             "--grad-accum", "2", "--checkpoint-every", "0")
     train_wlf.main(args(tmp_path / "ahead"))
 
     class ReadWhenAsked:

@@ -2,8 +2,8 @@
 
 Two stages, so that no encoder is loaded while the transformer trains; and a memory plan without GPUs:
 
-    torchrun --nproc_per_node 8 train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev --vae ae_f16.safetensors --f16 \\
-        --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
+    torchrun --nproc_per_node 8 train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev \\
+        --vae ae_f16.safetensors --f16 --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
     torchrun --nproc_per_node 8 train_wlf.py train --shards shards/ --transformer flux1-dev.safetensors \\
         --out runs/wlf --steps 20000 --batch-size 4      # on one GPU: python train_wlf.py train ...
     python train_wlf.py train --dry-run --model flux-dev --resolution 4096 --f16 --batch-size 4 --world-size 8
@@ -177,7 +177,8 @@ def train(args) -> None:
             f"{meta['global_batch']} then, {global_batch} now)")
 
     # This rank's micro-batches, read a step ahead in a background thread (the order is known in advance).
-    batches = rank_batches(SampleStream(len(shards), args.seed), position, args.batch_size, args.grad_accum, world, rank)
+    stream = SampleStream(len(shards), args.seed)
+    batches = rank_batches(stream, position, args.batch_size, args.grad_accum, world, rank)
     reader = runs.ReadAhead(lambda key: (key[0], shards.get(key[1])), batches, depth=2 * args.grad_accum)
     latent_hw, text_tokens = tuple(shards.manifest["latent_shape"][-2:]), shards.manifest["context_shape"][0]
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) + text_tokens  # 2×2 latent patches, then the text
@@ -379,7 +380,7 @@ def open_job(out: Path, data: Path, rows: list[dict], settings: dict, overwrite:
     if path.is_file() and overwrite:
         for f in [path, out / "rows.json", *out.glob("shard-*.safetensors"), *out.glob("part-*")]:
             f.unlink(missing_ok=True)
-    if not path.is_file():  # a new job: what each row was made from goes beside the shards, its digest into the manifest
+    if not path.is_file():  # a new job: what each row was made from goes beside the shards, its digest in the manifest
         vae.write_json(out / "rows.json", table)
         return {"format": SHARD_FORMAT, "version": 3, **settings, "rows": runs.digest(table), "complete": False,
                 "shards": [], "num_samples": 0, "skipped": []}
