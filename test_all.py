@@ -3279,8 +3279,8 @@ class _Killed(BaseException):
 
 def test_train_wlf_precompute_resumes_and_refuses_other_settings(_train_wlf_assets, tmp_path, capsys, monkeypatch):
     """A precompute killed right after its first shard (row 0, the first of a batch of 2) continues in the middle
-    of that batch and ends with the same samples; other settings in the same folder are refused with one line, as
-    is an interrupted job of the previous shard format."""
+    of that batch, in batches of 2 again without --batch-size, and ends with the same samples; other settings in
+    the same folder are refused with one line, as is an interrupted job of the previous shard format."""
     root, out = _train_wlf_assets, tmp_path / "shards"
     args = _train_wlf_precompute_args(root, root / "data", out, "--shard-size", "1")
     write = train_wlf.write_shard
@@ -3294,8 +3294,11 @@ def test_train_wlf_precompute_resumes_and_refuses_other_settings(_train_wlf_asse
         train_wlf.main(args)
     assert json.loads((out / "part-000.json").read_text())["next_row"] == 1
     monkeypatch.undo()
-    train_wlf.main(args)
-    assert "part 0: continuing an interrupted precompute at metadata row 1" in capsys.readouterr().out
+    i = args.index("--batch-size")
+    train_wlf.main(args[:i] + args[i + 2 :])  # no --batch-size: the one the job began with, not the CPU's 1
+    out_text = capsys.readouterr().out
+    assert "part 0: continuing an interrupted precompute at metadata row 1" in out_text
+    assert "batches of 2" in out_text
     resumed, original = train_wlf.LatentShards(out), train_wlf.LatentShards(root / "flux_shards")
     assert resumed.manifest["skipped"] == original.manifest["skipped"] and not list(out.glob("part-*"))
     a, b = resumed.get(list(range(5))), original.get(list(range(5)))

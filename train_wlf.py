@@ -397,13 +397,13 @@ def open_job(out: Path, data: Path, rows: list[dict], settings: dict, overwrite:
 
 def plan_parts(out: Path, manifest: dict, n_rows: int, world: int, batch: int) -> dict:
     """Rank 0: a new job's split of the rows into `world` contiguous parts, each a whole number of batches, written
-    into the manifest (a resumed job keeps its parts, whatever its world size now). Part p in order holds the
+    into the manifest with the batch size (a resumed job keeps both, whatever its world size now). Part p in order holds the
     samples of rows start_p.. in order, so the parts' shards one after the other are the one-process sample
     order; and since every batch is rows k·B..(k+1)·B−1 in any split, each row is encoded in the same batch."""
     if "parts" not in manifest:
         batches = -(-n_rows // batch)
         bounds = [min(n_rows, batches * r // world * batch) for r in range(world + 1)]
-        manifest["parts"] = [[a, b] for a, b in zip(bounds, bounds[1:])]
+        manifest["parts"], manifest["batch"] = [[a, b] for a, b in zip(bounds, bounds[1:])], batch
         vae.write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -525,7 +525,8 @@ def precompute(args) -> None:
     if (manifest := runs.on_rank0(open_job, out, data, rows, settings, args.overwrite)) is None:
         return
     conditioner = load_conditioner(args, t5_length, device, dtype)
-    batch = plan_batch(args, ae, device, dtype)
+    # A resumed job encodes in the batches it began with (the same bits), unless told otherwise.
+    batch = manifest["batch"] if "batch" in manifest and not args.batch_size else plan_batch(args, ae, device, dtype)
     manifest = runs.on_rank0(plan_parts, out, manifest, len(rows), world, batch)
 
     @torch.no_grad()
