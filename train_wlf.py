@@ -378,9 +378,11 @@ def open_job(out: Path, data: Path, rows: list[dict], settings: dict, overwrite:
     table = [[r["file_name"], *runs.file_stats(data / r["file_name"]), r["text"]] for r in rows]
     path = out / "manifest.json"
     if path.is_file() and overwrite:
-        for f in [path, out / "rows.json", *out.glob("shard-*.safetensors"), *out.glob("part-*")]:
+        for f in [path, out / "rows.json", *out.glob("shard-*.safetensors")]:
             f.unlink(missing_ok=True)
     if not path.is_file():  # a new job: what each row was made from goes beside the shards, its digest in the manifest
+        for f in out.glob("part-*"):  # progress of a job whose manifest is gone: not this job's
+            f.unlink()
         vae.write_json(out / "rows.json", table)
         return {"format": SHARD_FORMAT, "version": 3, **settings, "rows": runs.digest(table), "complete": False,
                 "shards": [], "num_samples": 0, "skipped": []}
