@@ -18,14 +18,18 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
 - Leftovers of killed processes (temp files, temp folders, half-deleted checkpoints) are removed at the
   start; log.jsonl is cut back to the step the run continues from.
 
+Data: `smallest` gives every rank the same batch size; `ReadAhead` reads the next batches in a thread.
+
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
 every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
 Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and write_json: one writer (and one
 check of an output path, one of a device) for every script of the project.
 """
 import argparse
+import collections
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -35,6 +39,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -551,7 +556,8 @@ def run_command(command, args) -> None:
             dist.destroy_process_group()
 
 
-# ===== Several nodes: hybrid sharding (HSDP) ===================================================================
+# ===== Several nodes: hybrid sharding (HSDP) ============================================================
+
 
 def check_shard_group(world: int, shard_group: int | None) -> int:
     """The ranks one copy of the state is sharded over: --shard-group N (typically one node's GPUs), by default
@@ -572,3 +578,41 @@ def shard_mesh(device: torch.device, world: int, shard_group: int | None):
     if group == world:
         return init_device_mesh(device.type, (world,))
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+=======
+# ===== Data: ranks that cut the same batches, and reading ahead ================================================
+
+def smallest(value: int) -> int:
+    """The smallest of every rank's `value` (an all-reduce of one number): a batch size that fits on every GPU."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
+class ReadAhead:
+    """fn(key) for each key of `keys` in order, computed up to `depth` keys ahead by a background thread, so that
+    reading the next batches overlaps the step on this one. `next()` returns them in order; an error of fn is
+    raised there. `waited` sums the seconds `next()` spent blocked: the step time lost to the data. The thread
+    idles (blocked, not polling) when nothing is asked, and ends with the object, or at `close`."""
+
+    def __init__(self, fn, keys, depth: int = 2):
+        self.fn, self.keys, self.waited = fn, iter(keys), 0.0
+        self.pool = ThreadPoolExecutor(max_workers=1)  # one reader: the keys are read in their order
+        self.pending = collections.deque()
+        for _ in range(depth):
+            self._submit()
+
+    def _submit(self) -> None:
+        for key in itertools.islice(self.keys, 1):
+            self.pending.append(self.pool.submit(self.fn, key))
+
+    def next(self):
+        tic = time.perf_counter()
+        value = self.pending.popleft().result()
+        self.waited += time.perf_counter() - tic
+        self._submit()
+        return value
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)

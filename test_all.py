@@ -3273,32 +3273,143 @@ def test_train_wlf_precompute_shards_hold_the_encodings(_train_wlf_assets):
             torch.testing.assert_close(batch[name], ref[name], rtol=1e-5, atol=1e-5)
 
 
-def test_train_wlf_precompute_resumes_and_refuses_other_settings(_train_wlf_assets, tmp_path, capsys):
-    """A manifest left incomplete after its first shard continues from there and ends with the same shards; other
-    settings in the same folder are refused with one line."""
+class _Killed(BaseException):
+    """Ends a precompute as a kill would: no handler of the script catches it, no file is tidied."""
+
+
+def test_train_wlf_precompute_resumes_and_refuses_other_settings(_train_wlf_assets, tmp_path, capsys, monkeypatch):
+    """A precompute killed right after its first shard (row 0, the first of a batch of 2) continues in the middle
+    of that batch, in batches of 2 again without --batch-size, and ends with the same samples; other settings in
+    the same folder are refused with one line, as is an interrupted job of the previous shard format."""
     root, out = _train_wlf_assets, tmp_path / "shards"
-    shutil.copytree(root / "flux_shards", out)
-    m = json.loads((out / "manifest.json").read_text())
-    m.update(complete=False, shards=m["shards"][:1], num_samples=3, next_row=4)  # as written after shard 0
-    (out / "shard-00001.safetensors").unlink()
-    (out / "manifest.json").write_text(json.dumps(m))
-    te = root / "te"
-    args = ["precompute", "--model", "flux-dev", "--f16", "--data", str(root / "data"), "--vae", str(root / "ae.safetensors"),
-            "--clip-l", str(te / "clip_l"), "--t5", str(te / "t5"), "--t5-tokens", "24", "--resolution",
-            str(_TRAIN_WLF_RES), "--flip", "--workers", "0", "--batch-size", "2", "--shard-size", "3",
-            "--store-dtype", "fp32", "--no-progress", "--out", str(out)]
-    train_wlf.main(args)
+    args = _train_wlf_precompute_args(root, root / "data", out, "--shard-size", "1")
+    write = train_wlf.write_shard
+
+    def write_then_die(*a, **k):
+        write(*a, **k)
+        raise _Killed
+
+    monkeypatch.setattr(train_wlf, "write_shard", write_then_die)
+    with pytest.raises(_Killed):
+        train_wlf.main(args)
+    assert json.loads((out / "part-000.json").read_text())["next_row"] == 1
+    monkeypatch.undo()
+    i = args.index("--batch-size")
+    train_wlf.main(args[:i] + args[i + 2 :])  # no --batch-size: the one the job began with, not the CPU's 1
+    out_text = capsys.readouterr().out
+    assert "part 0: continuing an interrupted precompute at metadata row 1" in out_text
+    assert "batches of 2" in out_text
     resumed, original = train_wlf.LatentShards(out), train_wlf.LatentShards(root / "flux_shards")
-    assert len(resumed.manifest["skipped"]) == 3
+    assert resumed.manifest["skipped"] == original.manifest["skipped"] and not list(out.glob("part-*"))
     a, b = resumed.get(list(range(5))), original.get(list(range(5)))
-    # The crops depend on (seed, row) only, and rows 4.. are encoded again in the same batches of 2 by the same
-    # code: literally the same computation, so the same bits.
+    # The crops depend on (seed, row) only, and the batch of rows 0-1 is encoded again whole, as the fixture encoded
+    # it, by the same code in the same process: literally the same computation, so the same bits.
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
     for changed in (["--resolution", "64"], ["--t5-tokens", "16"]):
         with pytest.raises(SystemExit) as e:
             train_wlf.main(args + changed)
         assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "complete": False, "next_row": 4}))  # the old format
+    assert "an older version of this script" in _train_wlf_error(train_wlf.main, args, capsys)
+
+
+# ------------------------------------------------------------ precompute on several ranks; shards read ahead
+
+_KILL_AFTER_FIRST_SHARD = """import os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+import train_wlf
+write = train_wlf.write_shard
+def write_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    if os.environ["RANK"] == "1":  # SIGKILL: no handler runs; torchrun then stops rank 0 wherever it is
+        os.kill(os.getpid(), signal.SIGKILL)
+train_wlf.write_shard = write_then_die
+train_wlf.main(sys.argv[1:])
+"""
+
+
+def test_train_wlf_precompute_two_ranks_resume_and_equal_one_process(_train_wlf_assets, tmp_path, capsys):
+    """torchrun 2 ranks: rank 1 (rows 4-6) is SIGKILLed right after its first shard (row 4, the first of a batch of
+    2) and the job is run again: it continues rank 1's part mid-batch, and the merged shards hold the very samples
+    of a one-process precompute, in its order, bit for bit, with the same skipped entries."""
+    root = _train_wlf_assets
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = _train_wlf_precompute_args(root, root / "data", two, "--shard-size", "1")
+    (tmp_path / "kill.py").write_text(_KILL_AFTER_FIRST_SHARD)
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "kill.py"), str(Path(train_wlf.__file__).parent), *args], cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not (two / "shard-00000.safetensors").exists()
+    part = json.loads((two / "part-001.json").read_text())
+    assert part["rows"] == [4, 7] and part["next_row"] == 5 and not part["done"]
+    result = _train_wlf_run(args, 2, tmp_path)
+    assert "part 1: continuing an interrupted precompute at metadata row 5" in result.stdout
+    assert "on 2 rank(s), batches of 2" in result.stdout and not list(two.glob("part-*"))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran: a convolution split over 2 threads differs in the last bits
+    try:
+        train_wlf.main(_train_wlf_precompute_args(root, root / "data", one))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = train_wlf.LatentShards(two), train_wlf.LatentShards(one)
+    assert len(a) == len(b) == 5 and len(a.manifest["shards"]) == 5 and len(b.manifest["shards"]) == 2
+    assert a.manifest["skipped"] == b.manifest["skipped"]
+    for i in range(5):
+        # Every row is encoded in the same batch of 2 (rows 2k, 2k+1) by the same code on one thread each: the
+        # same computation, so the same bits.
+        x, y = a.get([i]), b.get([i])
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0, msg=f"sample {i} {name}")
+
+
+def test_train_wlf_reads_ahead_the_same_batches(_train_wlf_assets, tmp_path, monkeypatch):
+    """rank_batches: in each step, the ranks' micro-batches tile the next global batch of the stream exactly once.
+    runs.ReadAhead returns fn's results in key order and raises fn's error at next(). A run reading ahead in its
+    thread exports the same bits as one reading each batch when asked, and logs data_wait, a fraction in [0, 1)."""
+    stream = train_wlf.SampleStream(7, seed=3)
+    ranks = [train_wlf.rank_batches(stream, 5, batch=2, accumulation=3, world=2, rank=rank) for rank in range(2)]
+    for step in range(3):
+        seen = []
+        for batches in ranks:
+            for first, indices in (next(batches) for _ in range(3)):
+                assert indices == [stream[first], stream[first + 1]]
+                seen += [first, first + 1]
+        assert sorted(seen) == list(range(5 + 12 * step, 5 + 12 * (step + 1)))
+
+    def slow(key):
+        time.sleep(0.01)
+        if key == 4:
+            raise vae.UserError("shard x: unreadable")
+        return key * key
+    reader = runs.ReadAhead(slow, range(10), depth=3)
+    assert [reader.next() for _ in range(4)] == [0, 1, 4, 9] and reader.waited > 0
+    with pytest.raises(vae.UserError, match="shard x: unreadable"):
+        reader.next()
+    reader.close()
+
+    root = _train_wlf_assets
+    args = lambda out: _train_wlf_train_args(root, "flux", out, "--steps", "3", "--batch-size", "1",
+                                             "--grad-accum", "2", "--checkpoint-every", "0")
+    train_wlf.main(args(tmp_path / "ahead"))
+
+    class ReadWhenAsked:
+        def __init__(self, fn, keys, depth):
+            self.fn, self.keys, self.waited = fn, iter(keys), 0.0
+
+        def next(self):
+            return self.fn(next(self.keys))
+
+        def close(self):
+            pass
+    monkeypatch.setattr(runs, "ReadAhead", ReadWhenAsked)
+    train_wlf.main(args(tmp_path / "asked"))
+    a = _train_wlf_tensors(tmp_path / "ahead" / "transformer.safetensors")
+    b = _train_wlf_tensors(tmp_path / "asked" / "transformer.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches in the same order: the same bits
+    assert all(0 <= r["data_wait"] < 1 for r in _train_wlf_log(tmp_path / "ahead"))
 
 
 def test_train_wlf_loss_wlf_equal_weights_is_x0_mse():

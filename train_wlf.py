@@ -2,8 +2,8 @@
 
 Two stages, so that no encoder is loaded while the transformer trains; and a memory plan without GPUs:
 
-    python train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev --vae ae_f16.safetensors --f16 \\
-        --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
+    torchrun --nproc_per_node 8 train_wlf.py precompute --data Aesthetic-4K/train --model flux-dev \\
+        --vae ae_f16.safetensors --f16 --clip-l clip_l/ --t5 t5xxl/ --resolution 4096 --flip --out shards/
     torchrun --nproc_per_node 8 train_wlf.py train --shards shards/ --transformer flux1-dev.safetensors \\
         --out runs/wlf --steps 20000 --batch-size 4      # on one GPU: python train_wlf.py train ...
     python train_wlf.py train --dry-run --model flux-dev --resolution 4096 --f16 --batch-size 4 --world-size 8
@@ -28,6 +28,8 @@ batch, not on its split over GPUs and accumulation steps, and resuming reproduce
 Safety (runs.py): the run folder is locked; a step with a non-finite loss or gradient norm makes no update, and
 --max-bad-steps of them in a row stop the run; checkpoints carry checksums, the data's fingerprint and the loss
 settings, and --resume takes the newest one that verifies and refuses other data unless told.
+Data: precompute's ranks encode batch-aligned parts of the rows, merged into the one-process order, bit for bit;
+training reads its next micro-batches in a thread while it steps (log.jsonl's data_wait: the time left waiting).
 
 Differences from the authors' release: the crop and flip are drawn once, at precompute (they re-crop every
 epoch); prompts get the samplers' T5 length (512 flux-dev, else 256; they trained Flux with 77).
@@ -175,7 +177,10 @@ def train(args) -> None:
         say(f"resumed from {resume} (step {step}, sample position {position}; global batch "
             f"{meta['global_batch']} then, {global_batch} now)")
 
+    # This rank's micro-batches, read a step ahead in a background thread (the order is known in advance).
     stream = SampleStream(len(shards), args.seed)
+    batches = rank_batches(stream, position, args.batch_size, args.grad_accum, world, rank)
+    reader = runs.ReadAhead(lambda key: (key[0], shards.get(key[1])), batches, depth=2 * args.grad_accum)
     latent_hw, text_tokens = tuple(shards.manifest["latent_shape"][-2:]), shards.manifest["context_shape"][0]
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) + text_tokens  # 2×2 latent patches, then the text
     flops = train_flops_per_sample(model.params, latent_hw, text_tokens) if rank == 0 else 0.0
@@ -190,16 +195,14 @@ def train(args) -> None:
     progress = tqdm(total=args.steps, initial=step, desc="train", disable=rank != 0 or args.no_progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tic, since = time.perf_counter(), step  # the throughput window
+    tic, since, waited = time.perf_counter(), step, 0.0  # the throughput window
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            # This rank's samples: positions first + j of the stream, the noise keyed by the same positions.
-            first = position + (micro * world + rank) * args.batch_size
-            batch = shards.get([stream[first + j] for j in range(args.batch_size)])
+            first, batch = reader.next()  # positions first + j of the stream; the noise is keyed by the same
             x0 = batch["latents"].to(device, torch.float32)
             draws = [sample_noise(objective, tuple(x0.shape[1:]), args.seed, first + j) for j in range(args.batch_size)]
             t, noise = (torch.stack(column).to(device) for column in zip(*draws))
@@ -218,10 +221,11 @@ def train(args) -> None:
 
         if step % args.log_every == 0 or step == args.steps:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            images = (step - since) * global_batch / (time.perf_counter() - tic)
+            seconds = time.perf_counter() - tic
+            images = (step - since) * global_batch / seconds
             record = {"step": step, "loss": loss_sum.item() / (args.grad_accum * world), "lr": lr,
                       "grad_norm": grad_norm.item(), "skipped_updates": bad.skipped, "images_per_s": images,
-                      "tokens_per_s": images * tokens}
+                      "tokens_per_s": images * tokens, "data_wait": (reader.waited - waited) / seconds}
             if peak:
                 record["mfu"] = images * flops / world / (peak * 1e12)
             if device.type == "cuda":
@@ -229,7 +233,7 @@ def train(args) -> None:
             if rank == 0:
                 runs.log_line(log_file, record)
                 say(" ".join(f"{k} {v:.4g}" for k, v in record.items()))
-            tic, since = time.perf_counter(), step
+            tic, since, waited = time.perf_counter(), step, reader.waited
         progress.update(1)
         stopping = args.stop_after is not None and args.stop_after <= step < args.steps
         saving = stopping or (args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps))
@@ -237,11 +241,12 @@ def train(args) -> None:
             meta = {"step": step, "position": position, "global_batch": global_batch, "shards": str(args.shards),
                     "data": data, "loss": loss_settings, "skipped": bad.skipped}
             say(f"saved {save_checkpoint(run, model, optimizer, meta, args.keep_checkpoints)}")
-            tic, since = time.perf_counter(), step  # saving is not training throughput
+            tic, since, waited = time.perf_counter(), step, reader.waited  # saving is not training throughput
         if stopping:
             say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
             break
     progress.close()
+    reader.close()
     if step >= args.steps:
         export_model(model, export, DTYPES[args.export_dtype])
         say(f"exported {export} ({args.export_dtype}, official {family} layout)")
@@ -281,15 +286,16 @@ def prepare_image(path: Path, resolution: int, rng: random.Random, flip: bool) -
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Item i: {"row", "text", "image" (3, R, R) in [−1, 1]} or {"row", "file_name", "error"} for a file that
-    cannot be read: bad files are reported, never fatal. The crop and flip of item i depend only on (seed, i),
-    so an interrupted precompute continues with the same augmentations."""
+    """Rows start..end−1 of the metadata; item: {"row", "text", "image" (3, R, R) in [−1, 1]} or {"row",
+    "file_name", "error"} for a file that cannot be read: bad files are reported, never fatal. The crop and flip
+    of row i depend only on (seed, i): not on the rank that reads it, nor on where an interrupted run resumed."""
 
-    def __init__(self, folder: Path, rows: list[dict], resolution: int, flip: bool, seed: int, start: int = 0):
-        self.folder, self.rows, self.resolution, self.flip, self.seed, self.start = folder, rows, resolution, flip, seed, start
+    def __init__(self, folder: Path, rows: list[dict], resolution: int, flip: bool, seed: int, start: int, end: int):
+        self.folder, self.rows, self.resolution, self.flip, self.seed = folder, rows, resolution, flip, seed
+        self.start, self.end = start, end
 
     def __len__(self) -> int:
-        return len(self.rows) - self.start
+        return self.end - self.start
 
     def __getitem__(self, i: int) -> dict:
         i += self.start
@@ -302,15 +308,14 @@ class ImageFolder(torch.utils.data.Dataset):
         return {"row": i, "text": row["text"], "image": image}
 
 
-def write_shard(out: Path, manifest: dict, samples: list[dict[str, Tensor]]) -> None:
-    """Write `samples` as the next shard, then manifest.json, both atomically: a rerun resumes after it."""
+def write_shard(out: Path, part: int, progress: dict, samples: list[dict[str, Tensor]]) -> None:
+    """Write `samples` as the part's next shard, then its progress file, both atomically: a rerun resumes after it."""
     tensors = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
-    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    name = f"part-{part:03d}-{len(progress['shards']):05d}.safetensors"
     vae.atomic_write(out / name, lambda tmp: save_file(tensors, tmp))
-    manifest["shards"].append({"file": name, "count": len(samples), "bytes": (out / name).stat().st_size})
-    manifest["num_samples"] += len(samples)
-    manifest["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
-    vae.write_json(out / "manifest.json", manifest)
+    progress["shards"].append({"file": name, "count": len(samples), "bytes": (out / name).stat().st_size})
+    progress["next_row"] = int(tensors["row"][-1]) + 1  # rows after it are encoded again on resume
+    vae.write_json(out / f"part-{part:03d}.json", progress)
 
 
 def load_conditioner(args, t5_length: int, device: torch.device, dtype: torch.dtype):
@@ -369,18 +374,144 @@ def check_same_job(out: Path, manifest: dict, settings: dict, table: list, rows:
                             "again with --overwrite, or use another --out")
 
 
+def open_job(out: Path, data: Path, rows: list[dict], settings: dict, overwrite: bool) -> dict | None:
+    """Rank 0, holding the lock: the manifest of the job to do in `out` (a new one, or an interrupted one to
+    continue), or None when it is already complete. Refuses another job's shards (`check_same_job`)."""
+    table = [[r["file_name"], *runs.file_stats(data / r["file_name"]), r["text"]] for r in rows]
+    path = out / "manifest.json"
+    if path.is_file() and overwrite:
+        for f in [path, out / "rows.json", *out.glob("shard-*.safetensors")]:
+            f.unlink(missing_ok=True)
+    if not path.is_file():  # a new job: what each row was made from goes beside the shards, its digest in the manifest
+        for f in out.glob("part-*"):  # progress of a job whose manifest is gone: not this job's
+            f.unlink()
+        vae.write_json(out / "rows.json", table)
+        return {"format": SHARD_FORMAT, "version": 3, **settings, "rows": runs.digest(table), "complete": False,
+                "shards": [], "num_samples": 0, "skipped": []}
+    manifest = runs.read_json(path)
+    check_same_job(out, manifest, settings, table, rows)
+    if manifest["complete"]:
+        print(f"{out}: already complete ({manifest['num_samples']} samples); nothing to do")
+        return None
+    if "parts" not in manifest:
+        raise vae.UserError(f"{out} holds an interrupted precompute of an older version of this script; run it "
+                            "again with --overwrite")
+    return manifest
+
+
+def plan_parts(out: Path, manifest: dict, n_rows: int, world: int, batch: int) -> dict:
+    """Rank 0: a new job's split of the rows into `world` contiguous parts, each a whole number of batches, written
+    into the manifest with the batch size (a resumed job keeps both, whatever its world size now). Part p in order holds the
+    samples of rows start_p.. in order, so the parts' shards one after the other are the one-process sample
+    order; and since every batch is rows k·B..(k+1)·B−1 in any split, each row is encoded in the same batch."""
+    if "parts" not in manifest:
+        batches = -(-n_rows // batch)
+        bounds = [min(n_rows, batches * r // world * batch) for r in range(world + 1)]
+        manifest["parts"], manifest["batch"] = [[a, b] for a, b in zip(bounds, bounds[1:])], batch
+        vae.write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def plan_batch(args, ae: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """Images per VAE call: --batch-size; else 1 on the CPU, and on a GPU as many as 80% of its free memory holds,
+    by the peak of a probe encode of one blank image (at 4096² the VAE's activations dwarf the text encoders').
+    The smallest over the ranks, so that every rank cuts the same batches."""
+    batch = args.batch_size or 1
+    if args.batch_size is None and device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            ae.encode(torch.zeros(1, 3, args.resolution, args.resolution, device=device, dtype=dtype))
+        per_image = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        batch = max(1, min(32, int(0.8 * torch.cuda.mem_get_info(device)[0] / per_image)))
+    return runs.smallest(batch)
+
+
+def encode_part(args, part: int, rows: list[dict], bounds: list[int], batch: int, encode, quiet: bool) -> None:
+    """Encode rows bounds[0]..bounds[1]−1 into the part's shards; its progress file records the shards written and
+    the next row, so that a killed run continues each part where it stopped."""
+    out, (start, end) = Path(args.out), bounds
+    path = out / f"part-{part:03d}.json"
+    progress = runs.read_json(path) if path.is_file() else {"rows": bounds, "next_row": start, "shards": [],
+                                                             "skipped": [], "done": False}
+    if progress["done"]:
+        return
+    resume = progress["next_row"]
+    if resume > start:
+        print(f"part {part}: continuing an interrupted precompute at metadata row {resume}", flush=True)
+    skipped = progress["skipped"] = [s for s in progress["skipped"] if s["row"] < resume]
+    # From the start of the batch holding the resume row: each row is encoded in the batch it had before.
+    first = start + (resume - start) // batch * batch
+    dataset = ImageFolder(Path(args.data), rows, args.resolution, args.flip, args.seed, first, end)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=args.workers, collate_fn=list)
+    progress_bar = tqdm(total=end - start, initial=resume - start, desc=f"encode part {part}", unit="img",
+                        disable=quiet)
+    pending = []  # encoded samples not yet in a shard
+    for items in loader:
+        for item in items:
+            if "error" in item and item["row"] >= resume:
+                skipped.append({"row": item["row"], "file_name": item["file_name"], "reason": item["error"]})
+                progress_bar.write(f"skipped {item['file_name']}: {item['error']}")
+        if good := [item for item in items if "image" in item]:
+            latents, context, pooled = encode(good)
+            progress.setdefault("latent_shape", list(latents.shape[1:]))
+            progress.setdefault("context_shape", list(context.shape[1:]))
+            progress.setdefault("pooled_dim", pooled.shape[-1])
+            stored = (x.to("cpu", DTYPES[args.store_dtype]) for x in (latents, context, pooled))
+            pending += [{"latents": lat, "context": ctx, "pooled": pool, "row": torch.tensor(item["row"])}
+                        for lat, ctx, pool, item in zip(*stored, good) if item["row"] >= resume]
+        while len(pending) >= args.shard_size:
+            write_shard(out, part, progress, pending[: args.shard_size])
+            pending = pending[args.shard_size :]
+        progress_bar.update(len([item for item in items if item["row"] >= resume]))
+    if pending:
+        write_shard(out, part, progress, pending)
+    progress_bar.close()
+    progress.update(next_row=end, done=True)
+    vae.write_json(path, progress)
+
+
+def merge_parts(out: Path, manifest: dict, bad_lines: list[dict]) -> dict:
+    """Rank 0, once every part is done: the parts' shards renamed shard-00000, shard-00001, ... in part order (a
+    merge cut short is redone: a shard already renamed is found under its new name), listed in the complete
+    manifest; then the progress files go."""
+    shards, skipped, shapes = [], list(bad_lines), {}
+    for part in range(len(manifest["parts"])):
+        progress = runs.read_json(out / f"part-{part:03d}.json")
+        for shard in progress["shards"]:
+            name = f"shard-{len(shards):05d}.safetensors"
+            if (out / shard["file"]).is_file():
+                os.replace(out / shard["file"], out / name)
+            shards.append({**shard, "file": name})
+        skipped += progress["skipped"]
+        shapes = shapes or {k: progress[k] for k in ("latent_shape", "context_shape", "pooled_dim") if k in progress}
+    if not shards:
+        raise vae.UserError(f"{manifest['data']}: no readable image among {manifest['parts'][-1][1]} metadata rows; "
+                            "nothing was written")
+    manifest = {k: v for k, v in manifest.items() if k != "parts"}
+    manifest.update(shapes, shards=shards, num_samples=sum(s["count"] for s in shards), skipped=skipped,
+                    complete=True)
+    vae.fsync(out)  # the renames are durable before the manifest names the new files
+    vae.write_json(out / "manifest.json", manifest)
+    for leftover in out.glob("part-*"):
+        leftover.unlink()
+    return manifest
+
+
 def precompute(args) -> None:
     """`precompute`: encode every image of --data with the VAE and its prompt with the text encoders, into
-    shards. Run again with the same settings and data, it continues an interrupted run; other data or settings
+    shards; under torchrun each rank encodes its own part of the rows on its own GPU. Run again with the same
+    settings and data, it continues an interrupted run, each part where it stopped; other data or settings
     (an edited caption, a replaced image) are refused, naming them, so that shards never mix two versions."""
     check_model_name(args.model)
     family = "flux" if args.model.startswith("flux") else "sd3"
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = runs.setup_distributed(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     data, out = Path(args.data), Path(args.out)
-    runs.open_run(out)  # locked, writable, leftovers of a killed precompute removed
-    rows, bad_lines = read_metadata(data)
-    table = [[r["file_name"], *runs.file_stats(data / r["file_name"]), r["text"]] for r in rows]
+    runs.on_rank0(runs.open_run, out)  # locked, writable, leftovers of a killed precompute removed
+    rows, bad_lines = runs.on_rank0(read_metadata, data)
     vae_path = args.vae or args.weights
     if vae_path is None:
         raise vae.UserError("precompute needs --vae (ae.safetensors, an SD3 checkpoint or a diffusers vae/ folder)")
@@ -395,62 +526,34 @@ def precompute(args) -> None:
                 "vae_factor": ae.factor, "vae_scale": ae.scale_factor, "vae_shift": ae.shift_factor,
                 "text_encoders": [str(p) for p in (args.weights, args.clip_l, args.clip_g, args.t5) if p],
                 "t5_tokens": t5_length, "store_dtype": args.store_dtype, **encoder_files(args)}
-    path = out / "manifest.json"
-    if path.is_file() and args.overwrite:
-        for f in [path, out / "rows.json", *out.glob("shard-*.safetensors")]:
-            f.unlink(missing_ok=True)
-    if path.is_file():
-        manifest = runs.read_json(path)
-    else:  # a new job: what each row was made from goes beside the shards, its digest into the manifest
-        manifest = {"format": SHARD_FORMAT, "version": 2, **settings, "rows": runs.digest(table), "complete": False,
-                    "shards": [], "num_samples": 0, "next_row": 0, "skipped": []}
-        vae.write_json(out / "rows.json", table)
-    check_same_job(out, manifest, settings, table, rows)
-    if manifest["complete"]:
-        print(f"{out}: already complete ({manifest['num_samples']} samples); nothing to do")
+    if (manifest := runs.on_rank0(open_job, out, data, rows, settings, args.overwrite)) is None:
         return
-    if manifest["next_row"]:
-        print(f"{out}: continuing an interrupted precompute at metadata row {manifest['next_row']}")
     conditioner = load_conditioner(args, t5_length, device, dtype)
+    # A resumed job encodes in the batches it began with (the same bits), unless told otherwise.
+    batch = manifest["batch"] if "batch" in manifest and not args.batch_size else plan_batch(args, ae, device, dtype)
+    manifest = runs.on_rank0(plan_parts, out, manifest, len(rows), world, batch)
 
-    # Entries skipped before the resume point stay listed, bad metadata lines once; saved with every shard.
-    skipped = manifest["skipped"] = [s for s in manifest["skipped"] if s.get("row", -1) < manifest["next_row"]]
-    skipped += [b for b in bad_lines if b not in skipped]
-    dataset = ImageFolder(data, rows, args.resolution, args.flip, args.seed, start=manifest["next_row"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=list)
-    progress = tqdm(total=len(rows), initial=manifest["next_row"], desc="encode", unit="img", disable=args.no_progress)
-    pending = []  # encoded samples not yet in a shard
-    with torch.no_grad():
-        for items in loader:
-            for item in items:
-                if "error" in item:
-                    skipped.append({"row": item["row"], "file_name": item["file_name"], "reason": item["error"]})
-                    progress.write(f"skipped {item['file_name']}: {item['error']}")
-            if good := [item for item in items if "image" in item]:
-                images = torch.stack([item["image"] for item in good]).to(device, dtype)
-                latents = ae.encode(images)  # (B, 16, R/f, R/f), normalized: scale·(mean − shift)
-                text = conditioner([item["text"] for item in good], device=device, dtype=torch.float32)
-                context, pooled = (text["txt"], text["vec"]) if family == "flux" else (text["context"], text["pooled"])
-                if not manifest.get("latent_shape"):
-                    manifest["latent_shape"] = list(latents.shape[1:])
-                    manifest["context_shape"], manifest["pooled_dim"] = list(context.shape[1:]), pooled.shape[-1]
-                stored = (x.to("cpu", DTYPES[args.store_dtype]) for x in (latents, context, pooled))
-                pending += [{"latents": lat, "context": ctx, "pooled": pool, "row": torch.tensor(item["row"])}
-                            for lat, ctx, pool, item in zip(*stored, good)]
-            while len(pending) >= args.shard_size:
-                write_shard(out, manifest, pending[: args.shard_size])
-                pending = pending[args.shard_size :]
-            progress.update(len(items))
-    if pending:
-        write_shard(out, manifest, pending)
-    progress.close()
-    manifest["next_row"], manifest["complete"] = len(rows), True
-    if manifest["num_samples"] == 0:
-        raise vae.UserError(f"{data}: no readable image among {len(rows)} metadata rows; nothing was written")
-    vae.write_json(path, manifest)
-    print(f"encoded {manifest['num_samples']} samples into {len(manifest['shards'])} shard(s) in {out}; "
-          f"skipped {len(skipped)} unreadable or bad entries" + (" (listed in manifest.json)" if skipped else ""))
+    @torch.no_grad()
+    def encode(items: list[dict]) -> tuple[Tensor, Tensor, Tensor]:
+        latents = ae.encode(torch.stack([item["image"] for item in items]).to(device, dtype))  # scale·(mean − shift)
+        text = conditioner([item["text"] for item in items], device=device, dtype=torch.float32)
+        return (latents, *((text["txt"], text["vec"]) if family == "flux" else (text["context"], text["pooled"])))
+
+    parts = manifest["parts"]
+    for part in range(rank, len(parts), world):  # a job resumed on fewer ranks: some take several parts
+        encode_part(args, part, rows, parts[part], batch, encode, quiet=args.no_progress or rank != 0)
+    # Files, not a collective, tell when all parts are done: a rank waiting longer than the process group's
+    # timeout for a slower one is no error.
+    while not all(runs.read_json(p)["done"] if p.is_file() else False
+                  for p in (out / f"part-{i:03d}.json" for i in range(len(parts)))):
+        time.sleep(1)
+    dist.barrier()  # all have seen every part done before rank 0 merges them (and removes the progress files)
+    manifest = runs.on_rank0(merge_parts, out, manifest, bad_lines)
+    dist.barrier()  # every rank is done before the process group is destroyed
+    if rank == 0:
+        print(f"encoded {manifest['num_samples']} samples into {len(manifest['shards'])} shard(s) in {out} on {world} "
+              f"rank(s), batches of {batch}; skipped {len(manifest['skipped'])} unreadable or bad entries"
+              + (" (listed in manifest.json)" if manifest["skipped"] else ""))
 
 
 class LatentShards:
@@ -510,6 +613,17 @@ class SampleStream:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.length, generator=generator).tolist()
         return self._perm[i]
+
+
+def rank_batches(stream: SampleStream, position: int, batch: int, accumulation: int, world: int, rank: int):
+    """(first, sample indices at stream positions first..first+batch−1) of this rank's micro-batches, step after
+    step from `position`: of a step's world·accumulation micro-batches, micro-step m of rank r takes the
+    (m·world + r)-th. Known in advance, so they can be read ahead."""
+    while True:
+        for micro in range(accumulation):
+            first = position + (micro * world + rank) * batch
+            yield first, [stream[first + j] for j in range(batch)]
+        position += world * accumulation * batch
 
 
 # ===== The transformer built on the meta device ================================================================
@@ -811,7 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=positive_int, default=4096, help="square crop after resizing the shorter side")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images per VAE call")
+    p.add_argument("--batch-size", type=positive_int, help="images per VAE call (default: 1 on CPU, planned "
+                   "from free memory on a GPU)")
     p.add_argument("--workers", type=whole_number, default=4, help="image decoding processes")
     p.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard file")
     p.add_argument("--store-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the stored tensors")
