@@ -556,7 +556,7 @@ def run_command(command, args) -> None:
             dist.destroy_process_group()
 
 
-# ===== Several nodes: hybrid sharding (HSDP) ============================================================
+# ===== Several nodes: hybrid sharding (HSDP) ===================================================================
 
 
 def check_shard_group(world: int, shard_group: int | None) -> int:
@@ -578,7 +578,8 @@ def shard_mesh(device: torch.device, world: int, shard_group: int | None):
     if group == world:
         return init_device_mesh(device.type, (world,))
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
-=======
+
+
 # ===== Data: ranks that cut the same batches, and reading ahead ================================================
 
 def smallest(value: int) -> int:
