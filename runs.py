@@ -61,6 +61,13 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and tasks > 1:
         raise vae.UserError(f"started {tasks} times by srun without torchrun: run one torchrun per node, see README")
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun then shares its rendezvous store with the ranks, keyed alike in every attempt: the restarted
+        # ranks read the addresses of the group that died and fail to connect, or hang (seen with gloo and NCCL)
+        raise vae.UserError(f"torchrun --max-restarts {restarts}: start torchrun with "
+                            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, or a restart cannot connect; "
+                            "see README")
     device = vae.pick_device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A group's timeout is fixed when it is made, and this group also carries the checkpoint phases, where the
@@ -107,21 +114,21 @@ def check_shared(run: Path) -> None:
     on every rank, naming the ranks and hosts that cannot see it."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    def write() -> tuple[Path, str]:
+
+    def write() -> str:
         token = f"{os.getpid()}-{os.urandom(4).hex()}"
-        path = run / f".shared.{token}.tmp"  # a fresh name (no cached lookup of it); TEMP: a leftover is removed
-        path.write_text(token)
-        return path, token
-    path, token = on_rank0(write)
-    seen = False
-    for attempt in range(10):  # a network file system may show a new file to other clients a moment later
+        (run / f".shared.{token}.tmp").write_text(token)  # a fresh name: no client has a cached lookup of it
+        return token
+    token = on_rank0(write)
+    path, seen = run / f".shared.{token}.tmp", False  # each rank's own --out; a leftover matches TEMP
+    for wait in (0.0, 0.5, 1.0):  # a network file system may show a new file to other clients a moment later
+        time.sleep(wait)
         try:
             seen = path.read_text() == token
         except OSError:
             pass
-        if seen or attempt == 9:
+        if seen:
             break
-        time.sleep(0.5)
     views = [None] * dist.get_world_size()
     dist.all_gather_object(views, (seen, socket.gethostname()))
     on_rank0(path.unlink, missing_ok=True)
