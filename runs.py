@@ -19,7 +19,10 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
   start; log.jsonl is cut back to the step the run continues from.
 
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
-every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
+every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths. On a
+cluster: every rank must see the run folder (`check_shared`); a torchrun restart continues the newest checkpoint
+(`pick_checkpoint`); an error of any type on rank 0 reaches the others (`on_rank0`); `srun` without torchrun,
+and one GPU for several ranks, are refused.
 Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and write_json: one writer (and one
 check of an output path, one of a device) for every script of the project.
 """
