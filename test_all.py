@@ -4184,7 +4184,8 @@ def test_pick_device_follows_the_launcher(monkeypatch, capsys, tmp_path):
     assert pick("cuda", 1, LOCAL_RANK=3, LOCAL_WORLD_SIZE=8) == torch.device("cuda", 0) == chosen[-1]  # one visible
     assert pick("cuda", 1) == torch.device("cuda", 0)
     assert pick("cuda:1", 2) == torch.device("cuda", 1)  # one process: any GPU it names
-    assert pick("cuda", 4, LOCAL_RANK=5, LOCAL_WORLD_SIZE=6) == "--device cuda: LOCAL_RANK is 5 but this process sees 4 GPUs"
+    assert pick("cuda", 4, LOCAL_RANK=5, LOCAL_WORLD_SIZE=6) == ("--device cuda: LOCAL_RANK is 5 but this process "
+                                                                  "sees 4 GPUs")
     assert pick("cuda:1", 2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2) == ("--device cuda:1: 2 ranks on this node would all "
                                                                    "use that one GPU; use --device cuda (each rank "
                                                                    "takes GPU LOCAL_RANK)")
@@ -4245,7 +4246,8 @@ def test_train_vae_throughput_window_restarts_after_a_checkpoint(_train_vae_asse
 _TWO_RANKS = '''
 import json, sys
 from pathlib import Path
-import runs, vae
+import torch.distributed as dist
+import runs
 rank, world, _ = runs.setup_distributed("cpu")
 out, result = Path(sys.argv[1]), {}
 
@@ -4263,6 +4265,8 @@ for name, call in (("bug", lambda: runs.on_rank0(bug)),
     except Exception as e:
         result[name] = [type(e).__name__, str(e)]
 (out / f"rank{rank}.json").write_text(json.dumps(result))
+dist.barrier()  # both done before the group goes (gloo's teardown races otherwise, as at the end of training)
+dist.destroy_process_group()
 '''
 
 
