@@ -21,7 +21,10 @@ edited between two jobs, a learning rate that turns the loss into NaN at step 12
 Data: `smallest` gives every rank the same batch size; `ReadAhead` reads the next batches in a thread.
 
 Several ranks: rank 0 decides (the lock, which checkpoint, whether it verifies) and broadcasts (`on_rank0`);
-every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths.
+every skip decision is all-reduced (`agree`), so the ranks of an FSDP run never take different paths. On a
+cluster: every rank must see the run folder (`check_shared`); a torchrun restart continues the newest checkpoint
+(`pick_checkpoint`); an error of any type on rank 0 reaches the others (`on_rank0`); `srun` without torchrun,
+and one GPU for several ranks, are refused.
 Imports vae for UserError, atomic_write, check_writable, pick_device, fsync and write_json: one writer (and one
 check of an output path, one of a device) for every script of the project.
 """
@@ -61,10 +64,25 @@ TEMP = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp(\.[0-9a-f]{32}\.tmp)?|\.step-\d{8
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a 1-rank group, so the same code
-    (FSDP2 included) runs as a plain `python train_wlf.py train ...` (or train_vae.py)."""
+    (FSDP2 included) runs as a plain `python train_wlf.py train ...` (or train_vae.py). `srun python ...` alone
+    is refused: its N tasks would be N independent 1-rank runs writing into one folder."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and tasks > 1:
+        raise vae.UserError(f"started {tasks} times by srun without torchrun: run one torchrun per node, see README")
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun then shares its rendezvous store with the ranks, keyed alike in every attempt: the restarted
+        # ranks read the addresses of the group that died and fail to connect, or hang (seen with gloo and NCCL)
+        raise vae.UserError(f"torchrun --max-restarts {restarts}: start torchrun with "
+                            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, or a restart cannot connect; "
+                            "see README")
     device = vae.pick_device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=30)  # saving, or verifying, 12B parameters' optimizer state takes a while
+    # A group's timeout is fixed when it is made, and this group also carries the checkpoint phases, where the
+    # other ranks wait while rank 0 hashes a 12B-parameter run's ~150 GB: so 30 minutes. It is reached only by a
+    # rank that hangs: an error on rank 0 reaches the others through on_rank0, and torchrun's agent stops the
+    # whole group as soon as one worker process exits.
+    timeout = datetime.timedelta(minutes=30)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
@@ -74,10 +92,11 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 
 def on_rank0(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on rank 0 alone; its result (or its error: a vae.UserError, or an OSError such as a full
-    disk, named by its file) is broadcast, so every rank returns the same value or raises the same one-line
-    vae.UserError, and none waits forever in a collective."""
-    payload = [None]
+    """fn(*args, **kwargs) on rank 0 alone; its result or its error is broadcast, so that no rank waits in a
+    collective for one that has failed. A vae.UserError, or an OSError such as a full disk (named by its file),
+    becomes the same one-line vae.UserError on every rank; any other exception is raised again on rank 0 (with its
+    traceback) and is "rank 0 failed: ..." in one line on the others."""
+    payload, failure = [None], None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             payload = [("ok", fn(*args, **kwargs))]
@@ -85,12 +104,45 @@ def on_rank0(fn, *args, **kwargs):
             payload = [("error", str(e))]
         except OSError as e:
             payload = [("error", file_error(e))]
+        except Exception as e:  # a bug, an unexpected type from a library: the others must not wait for it
+            payload, failure = [("failed", f"rank 0 failed: {type(e).__name__}: {e}".splitlines()[0])], e
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
     kind, value = payload[0]
-    if kind == "error":
+    if kind != "ok":
         raise vae.UserError(value)
     return value
+
+
+def check_shared(run: Path) -> None:
+    """Every rank sees rank 0's --out: rank 0 writes a token file there, every rank reads it back (a folder on a
+    node's local disk, under the same name on each node, fails here and not at the first resume). vae.UserError
+    on every rank, naming the ranks and hosts that cannot see it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+
+    def write() -> str:
+        token = f"{os.getpid()}-{os.urandom(4).hex()}"
+        (run / f".shared.{token}.tmp").write_text(token)  # a fresh name: no client has a cached lookup of it
+        return token
+    token = on_rank0(write)
+    path, seen = run / f".shared.{token}.tmp", False  # each rank's own --out; a leftover matches TEMP
+    for wait in (0.0, 0.5, 1.0):  # a network file system may show a new file to other clients a moment later
+        time.sleep(wait)
+        try:
+            seen = path.read_text() == token
+        except OSError:
+            pass
+        if seen:
+            break
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    on_rank0(path.unlink, missing_ok=True)
+    if blind := [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]:
+        raise vae.UserError(f"--out {run}: not visible to {', '.join(blind)}; the run folder must be on storage "
+                            "that every node sees (a shared file system), see README")
 
 
 def file_error(e: OSError) -> str:
@@ -404,8 +456,15 @@ def pick_checkpoint(run: Path, resume: str | None) -> tuple[Path | None, dict | 
     """(checkpoint, its meta) to continue from, verified. --resume PATH: that one, or a one-line error;
     --resume alone ("latest"): the newest of the run that verifies, naming each one skipped and why (none yet:
     start); no --resume: none, and a run folder that already holds checkpoints is refused (it would be trained
-    over, as it would be if none of them verified)."""
+    over, as it would be if none of them verified). A restart by torchrun (--max-restarts) after a rank died
+    continues its own newest checkpoint, as --resume alone; none yet: as the first start was told.
+    Rank 0 alone lists and verifies (call it through on_rank0): no rank decides from its own view of the disk."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        raise RuntimeError("pick_checkpoint runs on rank 0 alone (runs.on_rank0), which broadcasts its choice")
     found = list_checkpoints(run)
+    if (restart := int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)) and found:
+        print(f"restart {restart} by torchrun: continuing from the newest checkpoint that verifies", flush=True)
+        resume = "latest"
     if resume is None:
         if found:
             raise vae.UserError(f"{run} already holds checkpoints (newest {found[-1].name}): continue it with "

@@ -4350,3 +4350,180 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         train_vae.main(_train_vae_args(root, run, "--steps", "2", "--batch-size", "2", "--resume"))
     assert "other data than it was trained with (global_batch: 1 then, 2 now)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elastic restarts and clusters (both training scripts): launchers, devices, shared storage, rank 0's errors
+
+def test_pick_device_follows_the_launcher(monkeypatch, capsys, tmp_path):
+    """cuda: GPU LOCAL_RANK, or GPU 0 when the launcher shows each process one GPU (CUDA_VISIBLE_DEVICES); cuda:N
+    with several ranks on the node (all on one GPU) is refused in one line, through the real CLI too."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def pick(name, count, **env):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        try:
+            return vae.pick_device(name)
+        except vae.UserError as e:
+            return str(e)
+        finally:
+            for key in env:
+                monkeypatch.delenv(key)
+
+    assert pick("cuda", 8, LOCAL_RANK=3, LOCAL_WORLD_SIZE=8) == torch.device("cuda", 3) == chosen[-1]
+    assert pick("cuda", 1, LOCAL_RANK=3, LOCAL_WORLD_SIZE=8) == torch.device("cuda", 0) == chosen[-1]  # one visible
+    assert pick("cuda", 1) == torch.device("cuda", 0)
+    assert pick("cuda:1", 2) == torch.device("cuda", 1)  # one process: any GPU it names
+    assert pick("cuda", 4, LOCAL_RANK=5, LOCAL_WORLD_SIZE=6) == ("--device cuda: LOCAL_RANK is 5 but this process "
+                                                                  "sees 4 GPUs")
+    assert pick("cuda:1", 2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2) == ("--device cuda:1: 2 ranks on this node would all "
+                                                                   "use that one GPU; use --device cuda (each rank "
+                                                                   "takes GPU LOCAL_RANK)")
+    assert pick("cuda:5", 2) == "--device cuda:5: this machine has 2 GPU(s)"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        train_vae.main(["--vae", "x.safetensors", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                        "--device", "cuda:0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --device cuda:0: 2 ranks on this node would all use that one GPU; "
+                                         "use --device cuda (each rank takes GPU LOCAL_RANK)"]
+    assert not (tmp_path / "run").exists()  # refused before the run folder is touched
+
+
+def test_srun_without_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    """`srun -n 4 python train_wlf.py train ...` starts 4 processes that do not know of each other: each would be a
+    1-rank run in the same folder. Refused in one line before anything is written (the real CLI, a fresh process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(SLURM_PROCID="1", SLURM_NTASKS="4", PYTHONPATH=str(Path(train_wlf.__file__).parent))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, train_wlf.__file__, "train", "--shards", str(tmp_path / "shards"),
+                             "--transformer", str(tmp_path / "t.safetensors"), "--out", str(out), "--device", "cpu"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: started 4 times by srun without torchrun: run one torchrun per node, see README"], result.stderr
+    assert not out.exists()
+    # torchrun --max-restarts with the rendezvous store it shares with the ranks by default: a restart would read
+    # the dead group's addresses (it failed to connect, or hung, in the restart test below without the variable)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as e:
+        train_vae.main(["--vae", "x.safetensors", "--data", str(tmp_path), "--out", str(out), "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "error: torchrun --max-restarts 3: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+        "environment, or a restart cannot connect; see README"]
+    assert not out.exists()
+
+
+def test_train_vae_throughput_window_restarts_after_a_checkpoint(_train_vae_assets, tmp_path, monkeypatch):
+    """The images/s of a log line counts the steps since the window began, over the time since then: a save
+    (checkpoint every step, log every 2) starts a new window in both. A clock that ticks 1 s per reading makes
+    every window 1 step in 1 s: images/s = the batch. Counting the steps from the last log line instead (as
+    before) gave 2 steps over 1 s: 2× the real rate after every checkpoint."""
+    import itertools
+    import types
+    clock = itertools.count()
+    monkeypatch.setattr(train_vae, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    run = tmp_path / "run"
+    train_vae.main(_train_vae_args(_train_vae_assets, run, "--steps", "4", "--batch-size", "2", "--log-every", "2",
+                                   "--checkpoint-every", "1"))
+    assert [(r["step"], r["images_per_s"]) for r in _train_vae_log(run)] == [(2, 2.0), (4, 2.0)]
+    assert json.loads((run / "images.json").read_text()) == ["broken.jpg", "img0.png", "img1.png", "img3.png",
+                                                              "sub/img2.png"]  # the list rank 0 trained on
+
+
+_TWO_RANKS = '''
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+import runs
+rank, world, _ = runs.setup_distributed("cpu")
+out, result = Path(sys.argv[1]), {}
+
+
+def bug():
+    raise TypeError("an unexpected type")  # neither vae.UserError nor OSError
+
+
+for name, call in (("bug", lambda: runs.on_rank0(bug)),
+                   ("pick", lambda: runs.pick_checkpoint(out, None)),  # on rank 1 (rank 0: no checkpoints yet)
+                   ("shared", lambda: runs.check_shared(out)),
+                   ("local", lambda: runs.check_shared(out / f"local{rank}"))):  # node-local disks, one name
+    try:
+        result[name] = ["ok", call()]
+    except Exception as e:
+        result[name] = [type(e).__name__, str(e)]
+(out / f"rank{rank}.json").write_text(json.dumps(result))
+dist.barrier()  # both done before the group goes (gloo's teardown races otherwise, as at the end of training)
+dist.destroy_process_group()
+'''
+
+
+def test_two_ranks_hear_of_rank0_errors_and_of_an_unshared_folder(tmp_path):
+    """torchrun, 2 ranks (gloo): an exception of an unexpected type inside runs.on_rank0 is raised again on rank 0
+    and reaches rank 1 as one line (it waited in the broadcast before: 30 minutes); rank 1 may not pick a checkpoint
+    itself; a folder rank 1 cannot see (each rank its own folder of the same name: node-local disks) is one line
+    on both ranks naming rank 1 and its host, a shared one passes."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    for r in (0, 1):
+        (tmp_path / f"local{r}").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(runs.__file__).parent)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["bug"] == ["TypeError", "an unexpected type"]
+    assert r1["bug"] == ["UserError", "rank 0 failed: TypeError: an unexpected type"]
+    assert r0["pick"] == ["ok", [None, None]] and r1["pick"][0] == "RuntimeError"
+    assert r0["shared"] == r1["shared"] == ["ok", None]
+    blind = f"--out {tmp_path / 'local0'}: not visible to rank 1 on {socket.gethostname()}; the run folder must be"
+    assert r0["local"][0] == "UserError" and r0["local"][1].startswith(blind), r0["local"]
+    assert r1["local"][0] == "UserError" and "not visible to rank 1 on" in r1["local"][1]
+    assert "rank 0 on" not in r0["local"][1]
+    assert not [p for p in tmp_path.rglob(".shared.*")]  # the tokens are removed
+
+
+def test_train_vae_torchrun_restart_after_a_killed_rank_continues_exactly(_train_vae_assets, tmp_path):
+    """torchrun --max-restarts 1, 2 ranks, 4 steps, a checkpoint each step; rank 0 (the lock's pid) is killed with
+    SIGKILL as soon as the first checkpoint exists. torchrun restarts both ranks with the same command (no
+    --resume); they continue from the newest checkpoint that verifies, and the export equals an uninterrupted
+    run's bit for bit: the same computation on the same world size."""
+    import signal
+    root, ref, run = _train_vae_assets, tmp_path / "ref", tmp_path / "run"
+    common = ["--steps", "4", "--batch-size", "1", "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    _train_vae_run(_train_vae_args(root, ref, *common), 2, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_vae.__file__).parent),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see test_srun_without_torchrun_is_refused
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=1", "--monitor-interval=0.1", train_vae.__file__, *_train_vae_args(root, run, *common)]
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not runs.list_checkpoints(run):
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.005)
+        rank0 = json.loads((run / "run.lock").read_text())["pid"]
+        os.kill(rank0, signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    restarted = stdout[stdout.index("restart 1 by torchrun"):]  # what the second group printed
+    assert f"taking over the lock of pid {rank0}" in stdout and "resumed from" in restarted
+    step = int(restarted.split(" at step ")[1].split()[0])
+    assert 1 <= step < 4  # the kill came before the end
+    assert [r["step"] for r in _train_vae_log(run)] == [1, 2, 3, 4]  # each step once
+    a, b = _train_vae_tensors(ref / "vae-f16.safetensors"), _train_vae_tensors(run / "vae-f16.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

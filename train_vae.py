@@ -150,11 +150,14 @@ def train(args) -> None:
     if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
         raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
     rank, world, device = runs.setup_distributed(args.device)
-    run, files = Path(args.out), list_images(Path(args.data))
+    run, root = Path(args.out), Path(args.data)
     runs.on_rank0(runs.open_run, run, files=(run / f"{args.export_name}.safetensors",),
                   folders=(run / args.export_name,))  # locked, writable, leftovers of killed runs removed
+    runs.check_shared(run)  # every rank sees rank 0's run folder (a shared file system)
+    names, fingerprint = runs.on_rank0(image_list, run, root)  # one listing: a node's own view cannot differ
+    files = [root / name for name in names]
     # What a checkpoint records and a resume must match: the data (files, crops, order) and the loss.
-    data = {**runs.on_rank0(runs.files_fingerprint, Path(args.data), files), "crop": args.resolution, "seed": args.seed,
+    data = {**fingerprint, "crop": args.resolution, "seed": args.seed,
             "global_batch": args.batch_size * world}  # the stream is cut by the global batch (not so in train_wlf)
     loss_settings = {k: getattr(args, k) for k in LOSS_SETTINGS}
     checkpoint, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
@@ -174,6 +177,10 @@ def train(args) -> None:
         restore(checkpoint, trained, ema)
         step, bad.skipped = meta["step"], meta["skipped"]
         say(f"resumed from {checkpoint} at step {step}")
+    # Rank 0's decoder, D and EMA on every rank: replicas start equal whatever each node read or initialized
+    for tensor in [*m.student.decoder.state_dict().values(), *m.disc.state_dict().values(), *(ema or [])]:
+        if world > 1:
+            dist.broadcast(tensor, src=0)
     # args.json; log.jsonl without the records after `step` (those steps run again)
     log_file = runs.open_log(run, step, {**vars(args), "world_size": world}) if rank == 0 else None
     b = args.batch_size  # step s, rank r: stream positions (s·world + r)·b + i, so only the global batch matters
@@ -241,7 +248,7 @@ def train(args) -> None:
             meta = {"step": step, "data": data, "loss": loss_settings, "skipped": bad.skipped}
             state = {"ema": ema, **{k: v.state_dict() for k, v in trained.items()}}  # decoder, D, both optimizers
             say(f"saved {runs.save_state(run, meta, state, args.keep_checkpoints)}")
-            tic = time.perf_counter()  # saving is not training time
+            tic, logged = time.perf_counter(), step  # saving is not training time: a new throughput window
         if stopping and step < args.steps:
             say(f"stopped after step {step} (--stop-after); continue with the same command and --resume")
             break
@@ -279,6 +286,14 @@ def list_images(folder: Path, flag: str = "--data") -> list[Path]:
     if not files:
         raise vae.UserError(f"{flag} {folder}: no images ({', '.join(suffixes)}) in it")
     return files
+
+
+def image_list(run: Path, root: Path) -> tuple[list[str], dict]:
+    """The images under `root` (names relative to it) and their fingerprint, listed by rank 0 alone (runs.on_rank0)
+    and kept as images.json in the run folder: the list this start trained on, in stream order."""
+    names = [p.relative_to(root).as_posix() for p in list_images(root)]
+    vae.write_json(run / "images.json", names)
+    return names, runs.files_fingerprint(root, [root / name for name in names])
 
 
 class CropStream(torch.utils.data.Dataset):

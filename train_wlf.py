@@ -139,6 +139,7 @@ def train(args) -> None:
     run = Path(args.out)
     export = run / (args.export_name or "transformer.safetensors")
     runs.on_rank0(runs.open_run, run, files=(export,))  # locked, writable, leftovers of killed runs removed
+    runs.check_shared(run)  # every rank sees rank 0's run folder (a shared file system)
     shards = LatentShards(args.shards, args.max_samples)
     objective = Objective(args.loss, tuple(args.band_weights), args.wavelet_levels, args.timesteps,
                           args.logit_mean, args.logit_std, args.shift)

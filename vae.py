@@ -480,8 +480,10 @@ def atomic_write(path: Path, write) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """--device as a torch.device, or UserError in one line. A bare "cuda" is GPU LOCAL_RANK (set by torchrun),
-    made the current device: synchronize() and the memory statistics read that one."""
+    """--device as a torch.device, or UserError in one line. A bare "cuda" is GPU LOCAL_RANK (set by torchrun), or
+    GPU 0 when the launcher shows each process just one (CUDA_VISIBLE_DEVICES), made the current device:
+    synchronize() and the memory statistics read that one. "cuda:N" with several ranks on a node is refused:
+    they would all share GPU N."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -491,10 +493,17 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        count, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+            if local >= count > 1:
+                raise UserError(f"--device cuda: LOCAL_RANK is {local} but this process sees {count} GPUs")
+            device = torch.device("cuda", local if local < count else 0)
+        elif ranks > 1:
+            raise UserError(f"--device {name}: {ranks} ranks on this node would all use that one GPU; use --device "
+                            "cuda (each rank takes GPU LOCAL_RANK)")
+        if device.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} GPU(s)")
         torch.cuda.set_device(device)
     return device
 
