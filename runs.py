@@ -227,8 +227,19 @@ def _process_start(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2 :].split()[19]
 
 
+def _elastic() -> tuple[str | None, int]:
+    """This torchrun job's run id (None when not given: torchrun's default "none" names no job) and restart count."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return (None if run_id in (None, "", "none") else run_id), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def _alive(holder: dict) -> bool:
-    """Whether the lock's holder may still run: always when it is on another host (it cannot be asked)."""
+    """Whether the lock's holder may still run. An earlier attempt of this same torchrun job (its run id, fewer
+    restarts) is gone, on any host: torchrun stops every worker before it restarts the group, and rank 0 may come
+    back on another node. Another holder on another host cannot be asked: alive."""
+    run_id, restarts = _elastic()
+    if run_id is not None and holder.get("run_id") == run_id and holder.get("restarts", 0) < restarts:
+        return False
     if holder.get("host") != socket.gethostname():
         return True
     if Path("/proc/self/stat").exists():
@@ -255,7 +266,9 @@ def lock(folder: Path) -> None:
     except OSError as e:
         raise vae.UserError(f"--out {folder}: cannot create the folder ({e.strerror or e})") from None
     path = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    run_id, restarts = _elastic()
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()), "run_id": run_id,
+          "restarts": restarts}
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -3785,6 +3785,31 @@ def test_train_wlf_resume_skips_damaged_checkpoints(_train_wlf_assets, tmp_path,
     assert f"none of the 3 checkpoints under {ckpt} verifies" in line
 
 
+def test_runs_lock_of_an_earlier_torchrun_attempt_is_taken_over(tmp_path, monkeypatch):
+    """A torchrun restart may bring rank 0 back on another node: the lock of the same job's earlier attempt (its
+    run id, fewer restarts) is taken over; another job's, or the same attempt's, held on another host is not."""
+    def held_by(**holder):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / runs.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", **holder}))
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    try:
+        held_by(run_id="job-7", restarts=0)
+        runs.lock(tmp_path / "run")
+        assert json.loads((tmp_path / "run" / runs.LOCK).read_text())["restarts"] == 1
+    finally:
+        runs.unlock_all()
+    for holder in ({"run_id": "job-8", "restarts": 0}, {"run_id": "job-7", "restarts": 1}, {}):
+        held_by(**holder)
+        with pytest.raises(vae.UserError, match="is in use by pid 1 on elsewhere"):
+            runs.lock(tmp_path / "run")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default names no job: nothing is taken over
+    held_by(run_id=None, restarts=0)
+    with pytest.raises(vae.UserError, match="is in use"):
+        runs.lock(tmp_path / "run")
+
+
 def test_train_wlf_lock_keeps_a_second_run_off_and_leftovers_go(_train_wlf_assets, tmp_path, capsys):
     """A run holds --out/run.lock: a second run on the same --out is refused naming the holder's pid and host; the
     holder, stopped by SIGTERM, releases it; a lock of a process that is gone is taken over; one from another host
