@@ -150,7 +150,7 @@ def train(args) -> None:
     resume, meta = runs.on_rank0(runs.pick_checkpoint, run, args.resume)  # rank 0 verifies, all agree
     runs.require_same(resume, meta, args, data=data, loss=loss_settings)
 
-    model, full_state = build_on_meta(args.transformer, rank)  # rank 0 alone reads the file
+    model, full_state = build_on_meta(args.transformer)  # rank 0 alone reads the file
     family = "flux" if isinstance(model, mmdit.Flux) else "sd3"
     if shards.manifest["family"] != family:
         raise vae.UserError(f"{args.shards} was encoded for {shards.manifest['family']} but {args.transformer} is a "
@@ -643,20 +643,20 @@ def meta_batch(params, batch: int, latent_hw: tuple[int, int], text_tokens: int,
             torch.empty(batch, pooled_width, device="meta", dtype=dtype))
 
 
-def build_on_meta(path: str, rank: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def build_on_meta(path: str) -> tuple[nn.Module, dict[str, Tensor]]:
     """The transformer on the meta device on every rank, its full state dict on rank 0 ({} elsewhere): rank 0
-    alone reads the file, so host memory holds one copy of the weights, not one per GPU."""
-    payload, state = [None], {}
-    if rank == 0:
+    alone reads the file, so host memory holds one copy of the weights, not one per GPU. A failure on rank 0, of
+    any kind, reaches every rank (runs.on_rank0)."""
+    state = {}
+
+    def load():
         try:
             loaded = mmdit.load_transformer(path, device="cpu")
-            payload, state = [loaded.params], loaded.state_dict()
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            payload = [f"cannot load the transformer from {path}: {e}"]
-    dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], str):
-        raise vae.UserError(payload[0])
-    return meta_model(payload[0]), state
+            raise vae.UserError(f"cannot load the transformer from {path}: {e}") from None
+        state.update(loaded.state_dict())
+        return loaded.params
+    return meta_model(runs.on_rank0(load)), state
 
 
 # ===== Checkpoints: sharded (DCP) in a folder that runs.py seals (checksums, meta.json last) and verifies ======
