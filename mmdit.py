@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from weight_files import checked_weight, open_weights, read_json
+
 
 # ----------------------------------------------------------------------------------------- configs
 @dataclass
@@ -632,47 +634,16 @@ def _find_files(path) -> tuple[list[Path], dict]:
         raise ValueError(f"{path}: expected a .safetensors file, an index .json or a folder")
     files = [path]
     if path.suffix == ".json":
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
             raise ValueError(f"{path}: no \"weight_map\" of tensor names to file names")
         files = [path.parent / n for n in sorted(set(weight_map.values()))]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"{path}: lists no shards, or some are missing from {path.parent}")
-    config = _read_json(path.parent / "config.json") if (path.parent / "config.json").exists() else {}
+    config = read_json(path.parent / "config.json") if (path.parent / "config.json").exists() else {}
     if config.get("_class_name") not in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
         config = {}  # another model's config next to the file: the shapes decide everything anyway
     return files, config
-
-
-def _open_weights(path: Path, device):
-    """safe_open naming the file in its errors. This, _read_json and _weight are vae.py's twins (reasons there):
-    model files import nothing of the project."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(path, framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return obj
-
-
-def _weight(t: torch.Tensor, where, key: str, **to) -> torch.Tensor:
-    if not t.is_floating_point():
-        raise ValueError(f"{where}: {key} is {t.dtype}, not a floating-point weight")
-    t = t.to(**to)
-    screen = t.sum(dtype=torch.float32 if t.element_size() == 1 else None)  # CPUs have no fp8 sum
-    if not screen.isfinite() and not t.float().isfinite().all():
-        raise ValueError(f"{where}: {key} holds NaN or inf (as {t.dtype})")
-    return t
 
 
 def infer_params(shapes: dict, family: str, hints: dict | None = None):
@@ -730,12 +701,12 @@ def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None) ->
     files, config = _find_files(path)
     sd, metadata = {}, {}
     with ExitStack() as stack:  # every shard opened (its header checked against its size) before any is read
-        opened = [(file, stack.enter_context(_open_weights(file, device))) for file in files]
+        opened = [(file, stack.enter_context(open_weights(file, device))) for file in files]
         for file, f in opened:
             metadata.update(f.metadata() or {})
             prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()) else ""  # not the VAE
             for key in (k for k in f.keys() if k.startswith(prefix)):
-                sd[key[len(prefix):]] = _weight(f.get_tensor(key), file, key, dtype=dtype)
+                sd[key[len(prefix):]] = checked_weight(f.get_tensor(key), file, key, dtype=dtype)
     family, layout = next((fl for fl, key in EMBEDDING.items() if key in sd), (None, None))
     if family is None:
         raise ValueError(f"{path}: not a Flux or SD3 transformer checkpoint "

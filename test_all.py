@@ -1732,8 +1732,8 @@ def test_mmdit_loader_rejects_broken_files_in_one_line(tmp_path, monkeypatch):
     index.write_text(good_index)
     shard = tmp_path / "sharded" / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-64])
-    read = []  # spy: every tensor read passes through _weight
-    monkeypatch.setattr(mmdit, "_weight", lambda t, *args, **kw: read.append(args[1]) or t)
+    read = []  # spy: every tensor read passes through checked_weight
+    monkeypatch.setattr(mmdit, "checked_weight", lambda t, *args, **kw: read.append(args[1]) or t)
     _loader_error(lambda: mmdit.load_transformer(tmp_path / "sharded"), shard, "incomplete metadata")
     assert read == []  # the first shard is intact, yet none of its tensors was read before the second failed
 

@@ -30,7 +30,6 @@ Choices, and where they differ from the authors' release (diffusers pipelines ov
   gelu(wi_0 x)·wi_1 x and `wo` are computed in fp32 (`load_t5` keeps the `wo` weights in fp32, as transformers does
   with `_keep_in_fp32_modules = ["wo"]`). bf16 has fp32's range and needs nothing more.
 """
-import json
 import math
 import re
 import warnings
@@ -41,10 +40,11 @@ from pathlib import Path
 import sentencepiece
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from torch import Tensor, nn
+
+from weight_files import checked_weight, open_weights, read_json
 
 # ----------------------------------------------------------------------------------------------
 # CLIP text transformer
@@ -277,18 +277,6 @@ class T5Encoder(nn.Module):
 # Tokenizers
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object, or ValueError naming the file (JSONDecodeError gives the line, not the file). This,
-    _open_weights and _weight are vae.py's twins (reasons there): model files import nothing of the project."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return obj
-
-
 class _Tokenizer:
     """Fixed-length rows [bos] + tokens + [eos] + padding; a truncation (keeping EOS) is reported once."""
 
@@ -337,11 +325,11 @@ class CLIPTokenizer(_Tokenizer):
             merges_file = path.parent / "merges.txt"
             if not merges_file.is_file():
                 raise FileNotFoundError(f"{merges_file}: missing (a CLIP vocab.json needs merges.txt beside it)")
-            vocab = _read_json(path)
+            vocab = read_json(path)
             merges = [line.split() for line in merges_file.read_text(encoding="utf-8").splitlines()
                       if line.strip() and not line.startswith("#version")]
         else:  # a tokenizer.json holds the same BPE: only its vocabulary and merges are read
-            model = _read_json(path).get("model", {})
+            model = read_json(path).get("model", {})
             vocab, merges = model.get("vocab"), [m.split() if isinstance(m, str) else m for m in model.get("merges", [])]
         if not isinstance(vocab, dict) or not {"<|startoftext|>", "<|endoftext|>"} <= vocab.keys():
             raise ValueError(f"{path}: not a CLIP vocabulary (no <|startoftext|> / <|endoftext|> tokens)")
@@ -371,7 +359,7 @@ def _pad_token_from_folder(folder: Path) -> str | None:
     """The pad token written by transformers (special_tokens_map.json / tokenizer_config.json), if any."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            pad = _read_json(folder / name).get("pad_token")
+            pad = read_json(folder / name).get("pad_token")
             pad = pad.get("content") if isinstance(pad, dict) else pad
             if isinstance(pad, str):
                 return pad
@@ -503,23 +491,6 @@ _CLIP_ANCHOR = "embeddings.token_embedding.weight"  # one key every CLIP text to
 _T5_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
-def _open_weights(path: Path):
-    try:
-        return safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _weight(t: Tensor, where, key: str, **to) -> Tensor:
-    if not t.is_floating_point():
-        raise ValueError(f"{where}: {key} is {t.dtype}, not a floating-point weight")
-    t = t.to(**to)
-    screen = t.sum(dtype=torch.float32 if t.element_size() == 1 else None)  # CPUs have no fp8 sum
-    if not screen.isfinite() and not t.float().isfinite().all():
-        raise ValueError(f"{where}: {key} holds NaN or inf (as {t.dtype})")
-    return t
-
-
 class _Weights(ExitStack):
     """The tensors of one safetensors file or of a sharded set, read lazily by key; `with` closes the files. Every
     file is opened here (its header checked against its size), before any tensor is read."""
@@ -529,7 +500,7 @@ class _Weights(ExitStack):
         self._file, self._path = {}, {}
         try:
             for file in files:
-                f = self.enter_context(_open_weights(file))
+                f = self.enter_context(open_weights(file))
                 self._file.update(dict.fromkeys(f.keys(), f))
                 self._path.update(dict.fromkeys(f.keys(), file))
         except ValueError:
@@ -547,7 +518,7 @@ class _Weights(ExitStack):
 
     def tensor(self, key: str, **to) -> Tensor:
         """The tensor, converted by .to(**to) and checked by _weight."""
-        return _weight(self._file[key].get_tensor(key), self._path[key], key, **to)
+        return checked_weight(self._file[key].get_tensor(key), self._path[key], key, **to)
 
 
 def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[Path], dict | None]:
@@ -566,7 +537,7 @@ def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[P
             raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json); {hint}")
         path = found[0]
     if path.name.endswith(".index.json"):
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
             raise ValueError(f"{path}: no \"weight_map\" of tensor names to file names")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -576,7 +547,7 @@ def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[P
         files = [path]
     else:
         raise ValueError(f"{path}: only .safetensors weights are supported ({hint})")
-    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config and config.get("model_type") not in model_types and given.is_dir():
         raise ValueError(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is not a {kind} "
                          f"({' / '.join(model_types)})")

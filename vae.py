@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from weight_files import checked_weight, open_weights, read_json
 
 
 @dataclass
@@ -353,40 +354,6 @@ def save_vae(ae: AutoEncoder, path: str | os.PathLike) -> None:
     write_json(path / "config.json", diffusers_config(p))
 
 
-def _open_weights(path: Path):
-    """safe_open with the file named in its errors: safetensors' own ("header too small", "incomplete metadata, file
-    not fully covered") name none. This, _read_json and _weight have twins in mmdit.py and text_encoders.py: model
-    files may not import one another."""
-    try:
-        return safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object, or ValueError naming the file (JSONDecodeError gives the line, not the file)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: also bytes that are not UTF-8
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return obj
-
-
-def _weight(t: Tensor, where, key: str, **to) -> Tensor:
-    """t.to(**to), if it can be a weight: a cast would hide integers, and NaN / inf (also from an fp16 overflow in
-    the cast) would surface only as NaN images. The sum screens at memory speed (NaN and inf always reach it); a
-    non-finite sum, which may be an fp16 overflow, pays for the exact test."""
-    if not t.is_floating_point():
-        raise ValueError(f"{where}: {key} is {t.dtype}, not a floating-point weight")
-    t = t.to(**to)
-    screen = t.sum(dtype=torch.float32 if t.element_size() == 1 else None)  # CPUs have no fp8 sum
-    if not screen.isfinite() and not t.float().isfinite().all():
-        raise ValueError(f"{where}: {key} holds NaN or inf (as {t.dtype})")
-    return t
-
-
 def load_vae(path, *, stride=None, device="cpu", dtype=None, config=None) -> AutoEncoder:
     """Load a Flux `ae.safetensors`, an SD3 checkpoint (keys under `first_stage_model.`), a diffusers `vae/`
     folder (or a pipeline folder holding one) or a file written by `save_vae`. stride: 1 (F8) or 2 (F16),
@@ -403,12 +370,12 @@ def load_vae(path, *, stride=None, device="cpu", dtype=None, config=None) -> Aut
                                 "or a diffusers vae/ folder with config.json)")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors files are supported")
-    with _open_weights(path) as f:
+    with open_weights(path) as f:
         prefix = _SD3_PREFIX if any(k.startswith(_SD3_PREFIX) for k in f.keys()) else ""
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}  # the autoencoder's
         meta = f.metadata() or {}  # from save_vae: scale_factor, shift_factor, stride, groups
         if diffusers := any(".down_blocks." in k for k in shapes):  # its settings are in config.json beside it
-            cfg = _read_json(path.parent / "config.json")
+            cfg = read_json(path.parent / "config.json")
             meta = {"scale_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor") or 0.0,
                     "stride": cfg.get("stride", 1), "groups": cfg.get("norm_num_groups", 32)}  # shift: null if none
         base = VAE_CONFIGS[config or ("sd3" if prefix else "flux")]
@@ -448,13 +415,14 @@ def load_vae(path, *, stride=None, device="cpu", dtype=None, config=None) -> Aut
             raise ValueError(f"{path}: weights do not fit the autoencoder config {params}: " + "; ".join(
                 f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
                 for label, items in problems.items() if items))
-        ae.load_state_dict({k: _weight(f.get_tensor(name), path, name, device=device, dtype=dtype).reshape(shape)
+        ae.load_state_dict({k: checked_weight(f.get_tensor(name), path, name, device=device, dtype=dtype)
+                            .reshape(shape)
                             for name, (k, shape) in expected.items()}, assign=True)  # diffusers' Linear: 1×1 convs
     return ae.eval()
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared with the scripts, which may import this model file (model files may not import one another).
+# Shared with the scripts, which may import this model file.
 
 
 class UserError(Exception):
