@@ -1255,10 +1255,11 @@ def _score_batch(batch: list, scorers: dict, keep_eos: bool) -> list:
     if "clip_score" in scorers:
         with warnings.catch_warnings():  # a caption cut to 77 tokens: counted once, in the summary
             warnings.simplefilter("ignore")
-            scores = clip_score(rgbs, [c for _, _, c in batch], scorers["clip_score"], keep_eos=keep_eos,
-                                batch_size=len(rgbs))
-        for (row, _, c), score in zip(batch, scores.tolist()):
-            row["clip_score"], row["caption_cut"] = score, bool(scorers["clip_score"].tokenize([c])[1][0])
+            captions = [c for _, _, c in batch]
+            scores = clip_score(rgbs, captions, scorers["clip_score"], keep_eos=keep_eos, batch_size=len(rgbs))
+        cut = scorers["clip_score"].tokenize(captions)[1]  # one tokenization per batch, not per caption
+        for (row, _, _), score, was_cut in zip(batch, scores.tolist(), cut.tolist()):
+            row["clip_score"], row["caption_cut"] = score, was_cut
     if "aesthetic" in scorers:
         for (row, _, _), score in zip(batch, aesthetic_score(rgbs, scorers["aesthetic"], batch_size=len(rgbs))):
             row["aesthetic"] = float(score)
