@@ -4356,6 +4356,7 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
         ([*good, "--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),
         ([*good, "--lambda-adv=-1"], "--lambda-adv: must be a finite number ≥ 0, got '-1'"),
         ([*good, "--disc-start=-1"], "--disc-start: must be a whole number of at least 0, got '-1'"),
+        ([*without_lpips, "--lambda-lpips", "0"], "--lambda-adv needs --lambda-lpips > 0"),
         ([*good, "--out", str(root / "ae.safetensors")], "is a file, not a folder"),
         ([a for a in good if a not in ("--out", str(tmp_path / "run"))], "training needs --out"),
         (["--vae", str(root / "ae.safetensors"), "--eval", str(tmp_path / "nothing")], "no images"),
@@ -4375,6 +4376,11 @@ def test_train_vae_bad_input_is_one_line(_train_vae_assets, tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         train_vae.main(_train_vae_args(root, run, "--steps", "2", "--batch-size", "2", "--resume"))
     assert "other data than it was trained with (global_batch: 1 then, 2 now)" in capsys.readouterr().err
+    # without LPIPS (no VGG weights anywhere) the objective is L2 + λ_sc·L_sc, as the demo trains it
+    run = tmp_path / "no-lpips"
+    train_vae.main([*without_lpips, "--out", str(run),
+                    "--lambda-lpips", "0", "--lambda-adv", "0"])
+    assert (run / "vae-f16.safetensors").is_file() and _train_vae_log(run)[-1]["lpips"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------

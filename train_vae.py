@@ -107,7 +107,7 @@ class SCVAE(NamedTuple):
     teacher: vae.AutoEncoder  # F8, frozen
     student: vae.AutoEncoder  # F16: only its decoder trains
     disc: Discriminator
-    lpips: metrics.LPIPS  # frozen
+    lpips: metrics.LPIPS | None  # frozen; None with --lambda-lpips 0
 
 
 def generator_losses(m: SCVAE, x: Tensor, args, adversarial: bool) -> dict[str, Tensor]:
@@ -119,7 +119,7 @@ def generator_losses(m: SCVAE, x: Tensor, args, adversarial: bool) -> dict[str, 
     # partitions=1: a 512² crop needs no tiling of the last stage, and one conv is the plainest to differentiate
     x_hat, f_s = m.student.decode(z, return_feature=True, partitions=1)
     out = {"x_hat": x_hat, "l2": F.mse_loss(x_hat, x), "sc": scale_consistency_loss(f_t, f_s),
-           "lpips": m.lpips(x_hat, x).mean()}
+           "lpips": m.lpips(x_hat, x).mean() if m.lpips else x.new_zeros(())}
     total = out["l2"] + args.lambda_sc * out["sc"] + args.lambda_lpips * out["lpips"]
     if adversarial:
         m.disc.requires_grad_(False)  # D is a fixed critic here; its own step comes next
@@ -149,6 +149,9 @@ def discriminator_loss(m: SCVAE, x: Tensor, x_hat: Tensor, gp_weight: float) -> 
 def train(args) -> None:
     if missing := [f"--{n}" for n in ("data", "out") if getattr(args, n) is None]:
         raise vae.UserError(f"training needs {' and '.join(missing)} (or --eval DIR to evaluate)")
+    if args.lambda_adv and not args.lambda_lpips:
+        raise vae.UserError("--lambda-adv needs --lambda-lpips > 0: the GAN term's adaptive weight is measured "
+                            "against LPIPS' gradient")
     rank, world, device = runs.setup_distributed(args.device)
     run, root = Path(args.out), Path(args.data)
     runs.on_rank0(runs.open_run, run, files=(run / f"{args.export_name}.safetensors",),
@@ -264,11 +267,13 @@ def load_models(args, device: torch.device) -> SCVAE:
     try:  # the loaders' messages name the file and what is wrong with it
         teacher = vae.load_vae(args.vae, stride=1, device=device, dtype=torch.float32, config=args.config)
         student = vae.load_vae(args.vae, stride=2, device=device, dtype=torch.float32, config=args.config)
-        lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device)
+        # Without LPIPS (its VGG weights are a download) the objective is L2 + λ_sc·L_sc: the demo's, in demo/.
+        lpips = metrics.load_lpips(args.lpips_vgg, args.lpips_heads, device=device) if args.lambda_lpips else None
     except (OSError, ValueError) as e:
         raise vae.UserError(str(e)) from None
     for frozen in (teacher, lpips, student.encoder):  # only the student's decoder trains
-        frozen.requires_grad_(False).eval()
+        if frozen is not None:
+            frozen.requires_grad_(False).eval()
     torch.manual_seed(args.seed)  # D's initialization (and its spectral-norm vectors) are the same on every rank
     return SCVAE(teacher, student, Discriminator(tuple(args.disc_channels)).to(device), lpips)
 
