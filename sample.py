@@ -38,9 +38,13 @@ import text_encoders as te
 import vae as vae_lib
 from metrics import read_prompts
 
-MODELS = ("flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
-DEFAULT_STEPS = {"flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper's evaluation
-DEFAULT_GUIDANCE = {"flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 family: CFG 7.0
+MODELS = ("demo", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
+DEFAULT_STEPS = {"demo": 20, "flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper
+DEFAULT_GUIDANCE = {"demo": 0.0, "flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 family: CFG 7.0
+NATIVE_SIZE = {"demo": 128, "tiny": 512}  # the rest: 4096, Diffusion-4K's
+T5_TOKENS = {"demo": 16, "flux-dev": 512}  # the rest: 256 (diffusers); the demo's captions, as demo/train.sh encodes
+# The model this project trained itself (demo/README.md): what runs when no --weights are given.
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights"
 
 
 def get_noise(num: int, height: int, width: int, downsample: int, seed: int, channels: int = 16) -> torch.Tensor:
@@ -151,7 +155,7 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
     ae = vae_lib.load_vae(paths["vae"], stride={"f8": 1, "f16": 2, None: None}[vae], device=device, dtype=dtype)
     transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
-    if not model.startswith(family):
+    if not (model == "demo" and family == "flux") and not model.startswith(family):
         raise vae_lib.UserError(f"{paths['transformer']} holds a {family} transformer, not {model}")
 
     def clip(which):  # `which` picks the encoder out of an SD3 checkpoint that bundles them
@@ -161,7 +165,7 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
     clip_l_tokenizer = te.CLIPTokenizer(paths["clip_l_tokenizer"], pad_token="<|endoftext|>")
     t5 = te.load_t5(paths["t5"], device=device, dtype=dtype)
     if family == "flux":
-        t5_tokenizer = te.T5Tokenizer(paths["t5_tokenizer"], max_length=512 if model == "flux-dev" else 256)
+        t5_tokenizer = te.T5Tokenizer(paths["t5_tokenizer"], max_length=T5_TOKENS.get(model, 256))
         conditioner = te.FluxConditioner(clip("clip_l"), t5, clip_l_tokenizer, t5_tokenizer)
     else:
         conditioner = te.SD3Conditioner(clip("clip_l"), clip("clip_g"), clip_l_tokenizer,
@@ -172,7 +176,7 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
 
 # Where each piece may lie inside --weights DIR, in order: a diffusers snapshot's sub-folder first, then the
 # official single files (the Hugging Face repos of FLUX.1 and SD3 hold both layouts).
-_TRANSFORMER_FILES = {"flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors",
+_TRANSFORMER_FILES = {"demo": "transformer.safetensors", "flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors",
                       "sd3-medium": "sd3_medium*.safetensors", "sd3.5-medium": "sd3.5_medium*.safetensors",
                       "sd3.5-large": "sd3.5_large*.safetensors"}
 
@@ -204,7 +208,7 @@ def find_weights(model: str, root: str | os.PathLike, transformer: str | os.Path
         transformer = find(f"{model} transformer", "transformer/config.json", _TRANSFORMER_FILES[model])
     elif not (transformer := Path(transformer)).exists():
         raise vae_lib.UserError(f"--transformer {transformer}: not found")
-    if model.startswith("flux"):
+    if model.startswith("flux") or model == "demo":
         return {
             "transformer": transformer,
             "vae": find("autoencoder", "vae/config.json", "ae.safetensors"),
@@ -308,7 +312,7 @@ def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int
     h, w = noise.shape[-2:]
     if pipe.family == "flux":
         x = mmdit.pack(noise)  # (N, h/2·w/2, 64)
-        timesteps = flux_schedule(steps, x.shape[1], shift=pipe.model != "flux-schnell")
+        timesteps = flux_schedule(steps, x.shape[1], shift=pipe.model not in ("flux-schnell", "demo"))
         velocity = flux_velocity(model, positive, mmdit.flux_img_ids(h, w, num_images, device=device),
                                  mmdit.flux_txt_ids(positive["txt"].shape[1], num_images, device=device), guidance)
     else:
@@ -389,11 +393,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", help='metadata.jsonl ({"file_name", "text"} lines): one image per line, named after '
                    "file_name, in the --out folder; images already there are skipped; under torchrun rank r of N "
                    "takes lines r, r+N, ...")
-    p.add_argument("--model", default="flux-dev", help=f"one of {', '.join(MODELS)} (tiny: random weights)")
-    p.add_argument("--weights", help="folder with the official files or a diffusers snapshot (not for tiny)")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)}; default: flux-dev with --weights, else demo (the "
+                   "model this project trained, in demo/weights); tiny: random weights")
+    p.add_argument("--weights", help="folder with the official files or a diffusers snapshot (not for tiny; demo: "
+                   "demo/weights)")
     p.add_argument("--transformer", help="transformer file or folder instead of the one in --weights (a fine-tune)")
-    p.add_argument("--width", type=int, help="pixels (default 4096; 512 for tiny)")
-    p.add_argument("--height", type=int, help="pixels (default 4096; 512 for tiny)")
+    p.add_argument("--width", type=int, help="pixels (default 4096; demo 128, tiny 512)")
+    p.add_argument("--height", type=int, help="pixels (default 4096; demo 128, tiny 512)")
     p.add_argument("--steps", type=int, help="Euler steps (50 flux-dev, 4 flux-schnell, 28 SD3)")
     p.add_argument("--guidance", type=float, help="Flux: distilled guidance (3.5); SD3: CFG scale (7.0)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1; with --prompts the seed of every prompt")
@@ -412,6 +418,9 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     start = time.perf_counter()
     try:
+        a.model = a.model or ("flux-dev" if a.weights else "demo")
+        if a.model == "demo" and not a.weights:
+            a.weights = DEMO_WEIGHTS
         if a.model not in MODELS:  # checked before --weights, so a typo is not reported as missing weights
             raise vae_lib.UserError(f"unknown model {a.model!r}: choose one of {', '.join(MODELS)}")
         if a.model != "tiny" and not a.weights:
@@ -433,7 +442,7 @@ def main(argv=None) -> int:
         if a.prompts:  # a killed run continues where it stopped: the images it wrote are whole (atomic_write)
             jobs = [(prompt, paths) for prompt, paths in jobs if not paths[0].exists()]
         sd3 = a.model.startswith("sd3")
-        size = 512 if a.model == "tiny" else 4096
+        size = NATIVE_SIZE.get(a.model, 4096)
         width, height = a.width or size, a.height or size
         steps = a.steps if a.steps is not None else (28 if sd3 else DEFAULT_STEPS[a.model])
         guidance = a.guidance if a.guidance is not None else (7.0 if sd3 else DEFAULT_GUIDANCE[a.model])

@@ -1,0 +1,113 @@
+"""Pre-train the demo's F8 autoencoder from scratch: the one stage the paper has no recipe for.
+
+The paper starts from the official Flux autoencoder; the demo has none of its size, so this script trains a
+small one with the same architecture (vae.AutoEncoder, 16 latent channels) as a KL-regularized autoencoder:
+
+    L = ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)),   z = mean + std·ε ~ q(z|x),   on random crops of the images.
+
+Afterwards the latents of the training images set the autoencoder's shift and scale (mean and 1/std of the
+posterior means), so the diffusion model sees latents of unit variance, as Flux's 0.1159 / 0.3611 do. The
+F16 step (stride-2 first conv, decoder fine-tuned with the scale-consistency loss) is then the paper's,
+through train_vae.py.
+
+    python demo/train_ae.py --data data/ --out ae-f8.safetensors --steps 3000
+"""
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import metrics  # noqa: E402
+import vae  # noqa: E402
+
+# 16 latent channels as Flux's; widths 16-32-64-64 (Flux: 128-256-512-512), one ResNet block per level (Flux: 2).
+PARAMS = vae.AutoEncoderParams(3, 16, 3, (1, 2, 4, 4), 1, 16, scale_factor=1.0, shift_factor=0.0, groups=8)
+
+
+def load_images(folder: Path) -> torch.Tensor:
+    rows, _ = metrics.read_metadata(folder / "metadata.jsonl")
+    images = [metrics.load_image(folder / r["file_name"]) for r in rows]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+
+
+def crops(images: torch.Tensor, batch: int, size: int, rng: random.Random) -> torch.Tensor:
+    H, W = images.shape[-2:]
+    out = []
+    for _ in range(batch):
+        i, y, x = rng.randrange(len(images)), rng.randrange(H - size + 1), rng.randrange(W - size + 1)
+        out.append(images[i, :, y:y + size, x:x + size])
+    return torch.stack(out).float() / 127.5 - 1
+
+
+def train(images, steps: int, batch: int, size: int, lr: float, beta: float, seed: int, log_every: int):
+    torch.manual_seed(seed)
+    rng, ae = random.Random(seed), vae.AutoEncoder(PARAMS)
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        x = crops(images, batch, size, rng)
+        mean, logvar = ae.encoder(x).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = F.mse_loss(ae.decoder(z), x)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        for group in opt.param_groups:  # cosine decay to 10%
+            group["lr"] = lr * (0.55 + 0.45 * np.cos(np.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        (rec + beta * kl).backward()
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            print(f"step {step} mse {rec.item():.5f} kl {kl.item():.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return ae.eval()
+
+
+@torch.no_grad()
+def latent_statistics(ae: vae.AutoEncoder, images: torch.Tensor, count: int = 512) -> tuple[float, float]:
+    """(mean, std) of the posterior means over the first `count` whole images."""
+    z = torch.cat([ae.encoder(images[i:i + 32].float() / 127.5 - 1).chunk(2, dim=1)[0]
+                   for i in range(0, min(count, len(images)), 32)])
+    return z.mean().item(), z.std().item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Train the demo's F8 autoencoder from scratch.")
+    p.add_argument("--data", required=True, help="the images + metadata.jsonl of demo/shapes.py make")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (official layout)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--crop", type=int, default=96, help="random square crops (a multiple of 8)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=1e-4, help="KL weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    a = p.parse_args(argv)
+    try:
+        if a.steps < 1 or a.batch_size < 1 or a.crop < 8 or a.crop % 8:
+            raise vae.UserError("--steps and --batch-size must be ≥ 1, --crop a positive multiple of 8")
+        vae.check_writable(Path(a.out), f"--out {a.out}")
+        images = load_images(Path(a.data))
+        if min(images.shape[-2:]) < a.crop:
+            raise vae.UserError(f"--crop {a.crop} is larger than the images ({tuple(images.shape[-2:])})")
+    except (vae.UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ae = train(images, a.steps, a.batch_size, a.crop, a.lr, a.beta, a.seed, a.log_every)
+    mean, std = latent_statistics(ae, images)
+    ae.params = replace(ae.params, shift_factor=mean, scale_factor=1 / std)
+    vae.save_vae(ae, Path(a.out))
+    print(f"wrote {a.out}: latent shift {mean:.4f}, scale {1 / std:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
