@@ -1,4 +1,4 @@
-"""Forward-pass speed of mmdit.Flux: against diffusers on CPU, and throughput / MFU on a GPU.
+"""Forward-pass speed of mmdit.Flux (and MMDiT on a GPU): against diffusers on CPU, throughput / MFU on a GPU.
 
 CPU (default): a mid-size Flux (hidden 512, 4 double + 8 single blocks, 4 heads × 128, RoPE axes
 (16, 56, 56)), 1024 image + 128 text tokens, fp32, torch.no_grad. The same random weights go into
@@ -12,9 +12,13 @@ GPU) at 4096² pixels through the 16× VAE of Diffusion-4K (256² latent -> 128�
 plus 512 text tokens:
 
     python benchmarks/bench_mmdit.py --device cuda --config flux-dev --height 4096 --width 4096 \
-        [--compile] [--sdpa cudnn] [--diffusers]
+        [--compile] [--sdpa cudnn|best] [--diffusers]
+    python benchmarks/bench_mmdit.py --device cuda --config sd3.5-large --diffusers   # MM-DiT, 38 joint blocks
 
-It prints seconds per forward (warm-up 1, median of 3), peak memory and MFU. Two FLOP counts are
+It prints seconds per forward (warm-up 1, median of 3), the first forward's time (with --compile: the
+compile time), peak memory and MFU; --sdpa best times flash, cuDNN and efficient attention and keeps the
+fastest; --diffusers times diffusers' FluxTransformer2DModel / SD3Transformer2DModel with the same weights
+and inputs, under the same attention backend. Two FLOP counts are
 printed: the convention of the issue, 2·params·tokens + 4·L²·C per block (≈ 6.0e14 here), and the FLOPs
 the forward actually executes (each token meets only its own stream's weights in the double blocks and
 the modulation linears run once per sample, so it is ≈ 4.2e14); MFU is given for both.
@@ -160,13 +164,8 @@ def _sdpa(backend: str | None):
 def _measure(fn, device, args, backend):
     """(first call in s: with --compile, the compile time; median s; all timed runs; output) under `backend`."""
     with torch.no_grad(), _sdpa(backend):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        first = _timeit(fn, device, 0, 1)[0]
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
         times = _timeit(fn, device, args.warmup, args.runs)
     return first, statistics.median(times), times, out
 
