@@ -406,8 +406,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae", choices=("f8", "f16"), help="autoencoder: F8 (official) or F16 (Diffusion-4K); "
                    "default: what the weights' VAE config says (stride 2 = F16), else F8; tiny: F16")
     p.add_argument("--partitions", type=int, help="n of the n×n grid of the F16 decoder's last stage (default 2)")
-    p.add_argument("--offload", nargs="?", const="components", help="components (or no value): keep components on "
-                   "the CPU, each on the GPU while it works; blocks: the same, the transformer's blocks streamed")
+    p.add_argument("--offload", nargs="?", const="components", metavar="{components,blocks}",
+                   help="components (or no value): keep components on the CPU, each on the GPU while it works; "
+                   "blocks: the same, the transformer's blocks streamed")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="image path (default out/MODEL-SEED.png; -i suffixes for several images); with "

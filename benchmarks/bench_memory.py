@@ -9,12 +9,13 @@ transformer's blocks streamed, offload.py); --offload blocks with fp8 weights; a
 fp8 storage comes from the loaders' `weight_dtype` (mmdit.load_transformer, text_encoders.load_t5): the random
 weights are saved to --tmp and loaded back through it, as a real checkpoint would be; a build whose loaders have
 no `weight_dtype` prints "fp8: not available in this build" and skips those rows. Each row reports its s/step
-over --steps steps (the first included, as sample.py reports it) and its ratio to the all-on-GPU bf16 row; the
+over --steps steps (the first included, as sample.py reports it; with --repeat the median) and its ratio to the all-on-GPU bf16 row; the
 fp8 images are compared with the bf16 ones of the same seed (relative error, PSNR over the [−1, 1] range).
 """
 import argparse
 import inspect
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ def main(argv=None):
     p.add_argument("--partitions", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tmp", help="folder for the fp8 round trip's files (default: a temporary folder)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every mode, round robin; the median s/step")
     p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: gpu components blocks blocks-fp8 gpu-fp8")
     a = p.parse_args(argv)
     a.size = a.size or (4096 if a.config.startswith("flux") else 512)
@@ -103,7 +105,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     pipe = pipeline(a.config, device, dtype)
     print(f"built random {a.config} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows, images = [], {}
+    images = {}
     where = "all on GPU" if device.type == "cuda" else "all on the CPU"
     modes = [("gpu", where, pipe, None),
              ("components", "--offload (components)", pipe, "components"),
@@ -116,18 +118,24 @@ def main(argv=None):
     else:
         modes += [("blocks-fp8", "--offload blocks --weight-dtype fp8", fp8, "blocks"),
                   ("gpu-fp8", f"{where}, fp8 weights", fp8, None)]
-    for key, label, which, offload in modes:
-        if key in a.skip:
-            continue
-        images[key], seconds, peak = run(which, a, offload, device)
-        rows.append((key, label, seconds, peak))
-        print(f"{label}: {seconds:.3f} s/step" + (f", peak {peak:.2f} GiB" if peak is not None else ""), flush=True)
+    modes = [m for m in modes if m[0] not in a.skip]
+    if not modes:
+        raise SystemExit("--skip leaves no rows")
+    seconds, peaks = {key: [] for key, *_ in modes}, {}
+    run(modes[0][2], argparse.Namespace(**{**vars(a), "steps": 1}), modes[0][3], device)  # warm-up: lazy inits
+    for _ in range(a.repeat):  # round robin: a load that comes and goes hits every mode alike
+        for key, label, which, offload in modes:
+            images[key], s, peak = run(which, a, offload, device)
+            seconds[key].append(s)
+            peaks[key] = peak if peak is None else max(peak, peaks.get(key) or 0)
+            print(f"{label}: {s:.3f} s/step" + (f", peak {peak:.2f} GiB" if peak is not None else ""), flush=True)
+    rows = [(key, label, statistics.median(seconds[key]), peaks[key]) for key, label, *_ in modes]
 
     base = next((s for k, _, s, _ in rows if k == "gpu"), None)
     print("\n| mode | s/step | × all on GPU (CPU) | peak GPU memory |\n| --- | --- | --- | --- |")
-    for key, label, seconds, peak in rows:
-        ratio = f"{seconds / base:.2f}" if base else "—"
-        print(f"| {label} | {seconds:.3f} | {ratio} | {f'{peak:.2f} GiB' if peak is not None else 'n/a (CPU)'} |")
+    for key, label, median, peak in rows:
+        ratio = f"{median / base:.2f}" if base else "—"
+        print(f"| {label} | {median:.3f} | {ratio} | {f'{peak:.2f} GiB' if peak is not None else 'n/a (CPU)'} |")
     for key in ("blocks", "components"):  # the same computation as all on the device: bitwise on the CPU
         if key in images and "gpu" in images:
             print(f"{key} vs all on device: max |Δ| {(images[key] - images['gpu']).abs().max().item():.3g}")
