@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py
 """
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 import json
@@ -3232,6 +3233,102 @@ def test_offload_blocks_cli_same_image_as_no_offload(tmp_path, _sample_sd3_dirs)
         plain, _ = sample.generate(pipe, "a fox", **common)
         streamed, _ = sample.generate(pipe, "a fox", offload="blocks", **common)
         assert torch.equal(plain, streamed) and plain.std() > 0
+
+
+class _OffloadFakeStream:
+    """A CUDA stream as a log of ops; with _OffloadFakeEvent, enough to derive what happens before what."""
+
+    def __init__(self, log):
+        self.log, self.ops = log, []
+
+    def op(self, *what):
+        self.log.append((self, len(self.ops), what))
+        self.ops.append(len(self.log) - 1)
+
+    def wait_event(self, event):
+        self.op("wait", event, event.version)  # CUDA: waits for the event's latest record at the time of the call
+
+    def wait_stream(self, other):
+        self.op("wait_stream", other, len(other.ops))
+
+    def synchronize(self):
+        pass
+
+
+class _OffloadFakeEvent:
+    def __init__(self):
+        self.version = 0
+
+    def record(self, stream):
+        self.version += 1
+        stream.op("record", self, self.version)
+
+
+def test_offload_cuda_ordering_has_no_race(monkeypatch):
+    """The CUDA path without a GPU: streams and events replaced by logs, the happens-before order they impose
+    (each stream in order; a record before the wait that names it) is checked on a two-forward run: every block
+    computes only after its copy has landed, and no copy overwrites a slot before the compute that last read it
+    has finished. Without the events (or with a slot reused too early) some copy could race its reader."""
+    log, copies = [], []
+    compute, copy = _OffloadFakeStream(log), _OffloadFakeStream(log)
+    current = [compute]
+
+    class FakeCudaStreamer(offload.BlockStreamer):  # the CPU streamer with CUDA's synchronization switched on
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.cuda, self.copy_stream = True, copy
+            self.ready = [_OffloadFakeEvent() for _ in self.slots]
+            self.released = [_OffloadFakeEvent() for _ in self.slots]
+
+        def issue(self, i):  # logs the copy as (its wait for the slot, its ready record, block, slot)
+            super().issue(i)
+            copies.append((copy.ops[-2], copy.ops[-1], i, self.resident[i]))
+
+    @contextmanager
+    def on_stream(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(offload, "BlockStreamer", FakeCudaStreamer)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    model, blocks, inputs = _offload_models()[1]  # SD3.5: three block shapes
+    with offload.stream_blocks(model, blocks, "cpu", ahead=1) as streamer:
+        for i, b in enumerate(blocks):
+            b.register_forward_pre_hook(lambda m, a, i=i: compute.op("compute", i, streamer.resident[i]))
+            b.register_forward_hook(lambda m, a, out, i=i: compute.op("done", i))
+        with torch.inference_mode():
+            for _ in range(2):
+                _offload_call(model, inputs)
+
+    def before(a: int, b: int) -> bool:  # does log entry a happen before log entry b?
+        todo, seen = [b], set()
+        while todo:
+            n = todo.pop()
+            if n == a:
+                return True
+            if n in seen or n < a:
+                continue
+            seen.add(n)
+            stream, k, what = log[n]
+            if k:
+                todo.append(stream.ops[k - 1])
+            if what[0] == "wait":
+                todo += [m for m, (s, _, w) in enumerate(log) if w == ("record", what[1], what[2])]
+            if what[0] == "wait_stream" and what[2]:
+                todo.append(what[1].ops[what[2] - 1])
+        return False
+
+    computes = [(n, *w[1:]) for n, (_, _, w) in enumerate(log) if w[0] == "compute"]
+    assert len(computes) == 2 * len(blocks)
+    for n, block, slot in computes:
+        landed = max(end for _, end, b, _ in copies if end < n and b == block)
+        assert before(landed, n)  # its copy has landed
+        done = next(m for m, (_, _, w) in enumerate(log) if m > n and w == ("done", block))
+        for start, _, _, s in copies:  # a later copy into its slot waits for the end of this compute
+            if start > n and s == slot:
+                assert before(done, start), (block, slot)
 
 
 @pytest.mark.parametrize("args", [["--offload", "a cat"], ["a cat", "--offload", "block"],
