@@ -1,9 +1,10 @@
 """Streamed block offload: run a transformer whose blocks live in CPU memory, with only k + 1 of them on the GPU.
 
 A 4096² Flux step spends ~0.8 s of compute over 57 blocks, ~14 ms per block, while copying one bf16 double
-block (340M parameters, 0.68 GB) over PCIe 4/5 takes ~25/~12 ms. So if block i + k is copied on a side stream
-while block i computes, the copies hide behind the compute and the transformer costs the GPU k + 1 blocks of
-memory instead of all of them (22 GiB for flux-dev in bf16). The small parts (embedders, final layer) stay on
+block (340M parameters, 0.68 GB) over PCIe 4/5 takes ~27/~14 ms. So if block i + k is copied on a side stream
+while block i computes, the copies hide behind the compute wherever a block copies faster than it computes
+(bf16 over PCIe 5, fp8 over PCIe 4), and the transformer costs the GPU k + 1 blocks of memory instead of all
+of them (22 GiB for flux-dev in bf16). The small parts (embedders, final layer) stay on
 the device.
 
     with stream_blocks(model, model.blocks(), "cuda", ahead=1):
