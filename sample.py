@@ -17,6 +17,7 @@ default (theirs are JPEG, quality 95, as --prompts writes them); flux-dev's guid
 The paper's evaluation generates one square image per prompt of the evaluation set's metadata.jsonl, every prompt
 from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half. It reads the
 prompts with metrics.read_prompts, the one reader of an evaluation set's metadata.jsonl that metrics.py also uses.
+--offload blocks streams the transformer's blocks through the GPU with offload.stream_blocks.
 """
 import argparse
 import json
@@ -37,6 +38,7 @@ import mmdit
 import text_encoders as te
 import vae as vae_lib
 from metrics import read_prompts
+from offload import stream_blocks
 
 MODELS = ("demo", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
 DEFAULT_STEPS = {"demo": 20, "flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper
@@ -291,11 +293,12 @@ def on_device(modules, device, offload: bool):
 
 
 def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int, guidance: float, seed: int,
-             num_images: int = 1, partitions: int | None = None, device="cpu", offload: bool = False,
+             num_images: int = 1, partitions: int | None = None, device="cpu", offload: str | None = None,
              progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Sample `num_images` images (N, 3, height, width) in [−1, 1] for one prompt; returns them and
-    {"seconds_per_step": ...}. With offload the components live on the CPU and visit `device` one at a time:
-    the text encoders, then the transformer, then the autoencoder."""
+    {"seconds_per_step": ...}. With offload ("components") the components live on the CPU and visit `device` one
+    at a time: the text encoders, then the transformer, then the autoencoder; with "blocks" the transformer's
+    blocks stream through it one block ahead (offload.py) instead of the whole transformer visiting."""
     f = pipe.ae.factor
     if width % (2 * f) or height % (2 * f) or width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive multiples of {2 * f} (the {f}× autoencoder and 2×2 "
@@ -322,7 +325,9 @@ def generate(pipe: Pipeline, prompt: str, *, width: int, height: int, steps: int
         timesteps = sd3_schedule(steps, shift=3.0)
         velocity = sd3_cfg_velocity(model, positive, negative, guidance)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    with on_device([model], device, offload), torch.inference_mode(), \
+    transformer_on_device = stream_blocks(model, model.blocks(), device) if offload == "blocks" else \
+        on_device([model], device, offload)
+    with transformer_on_device, torch.inference_mode(), \
             tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=not progress) as bar:
         sync()
         start = time.perf_counter()
@@ -407,7 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae", choices=("f8", "f16"), help="autoencoder: F8 (official) or F16 (Diffusion-4K); "
                    "default: what the weights' VAE config says (stride 2 = F16), else F8; tiny: F16")
     p.add_argument("--partitions", type=int, help="n of the n×n grid of the F16 decoder's last stage (default 2)")
-    p.add_argument("--offload", action="store_true", help="keep components on the CPU, each on the GPU while it works")
+    p.add_argument("--offload", nargs="?", const="components", metavar="{components,blocks}",
+                   help="components (or no value): keep components on the CPU, each on the GPU while it works; "
+                   "blocks: the same, the transformer's blocks streamed")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="image path (default out/MODEL-SEED.png; -i suffixes for several images); with "
@@ -426,6 +433,9 @@ def main(argv=None) -> int:
         if a.model != "tiny" and not a.weights:
             raise vae_lib.UserError(f"--model {a.model} needs --weights DIR (the official files or a diffusers "
                                     "snapshot); --model tiny runs without weights")
+        if a.offload not in (None, "components", "blocks"):  # a prompt after a bare --offload lands here too
+            raise vae_lib.UserError(f"--offload takes components, blocks or no value, got {a.offload!r} (a prompt "
+                                    "goes before --offload)")
         if (a.prompt is None) == (a.prompts is None):
             raise vae_lib.UserError("give one prompt or --prompts FILE (one of the two)")
         for name in ("width", "height", "steps", "num_images", "partitions"):

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py
 """
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 import json
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 import metrics
 import mmdit
+import offload
 import runs
 import sample
 import text_encoders
@@ -3095,6 +3097,250 @@ def test_sample_nan_weights_write_nothing(_sample_flux_dirs, tmp_path, capsys, m
             "error: the images hold NaN or inf (non-finite weights, or an fp16 overflow: try --dtype bf16 or fp32); "
             "none written")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "gen").exists()
+
+
+# ====================================================================================================
+# offload (streamed blocks)
+# ====================================================================================================
+# Bitwise equality with the unstreamed model is the right check on the CPU: a streamed block computes with the
+# same values, in the same dtype, through the same kernels; only the addresses differ (views into a slot, each
+# 256-byte aligned, as the originals are ≥ 64-byte aligned by the CPU allocator, so the same SIMD paths run).
+
+
+class _OffloadFp8Linear(torch.nn.Module):
+    """A Linear whose weight is an fp8 buffer with an fp32 scale: what fp8 weight storage looks like to the
+    streamer (tensors of several dtypes, buffers as well as parameters)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        w = torch.randn(dim, dim) / dim ** 0.5
+        self.register_buffer("weight", (w / w.abs().max() * 448).to(torch.float8_e4m3fn))
+        self.register_buffer("scale", w.abs().max() / 448)
+        self.bias = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.float() * self.scale, self.bias)
+
+
+def _offload_flux(depth=2, single=3):
+    torch.manual_seed(0)
+    model = _mmdit_randomize(mmdit.Flux(mmdit.FluxParams(  # no zero-initialized gates: every block matters
+        vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=depth,
+        depth_single_blocks=single, axes_dim=(8, 12, 12))))
+    inputs = dict(img=torch.randn(1, 16, 64), img_ids=mmdit.flux_img_ids(8, 8), txt=torch.randn(1, 8, 32),
+                  txt_ids=mmdit.flux_txt_ids(8), timesteps=torch.tensor([0.5]), y=torch.randn(1, 32),
+                  guidance=torch.tensor([3.5]))
+    return model.eval(), inputs
+
+
+def _offload_models():
+    """Tiny Flux (double and single blocks of different sizes), SD3.5-medium-like MMDiT (dual-attention first
+    block, pre-only last block: three block shapes) and a stack of fp8 Linears, each with its inputs."""
+    flux, flux_inputs = _offload_flux()
+    torch.manual_seed(1)
+    sd3 = _mmdit_randomize(mmdit.MMDiT(mmdit.SD3Params(depth=3, hidden_size=64, num_heads=2, adm_in_channels=32,
+                                                       context_in_dim=32, pos_embed_max_size=8, qk_norm=True,
+                                                       x_block_self_attn_layers=(0,)))).eval()
+    sd3_inputs = (torch.randn(2, 16, 8, 8), torch.tensor([500.0, 20.0]), torch.randn(2, 32), torch.randn(2, 5, 32))
+    fp8 = torch.nn.Sequential(*[_OffloadFp8Linear(16) for _ in range(4)]).eval()
+    return [(flux, flux.blocks(), flux_inputs), (sd3, sd3.blocks(), sd3_inputs), (fp8, list(fp8), (torch.randn(3, 16),))]
+
+
+def _offload_call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2, 7])
+def test_offload_streamed_model_is_bitwise_the_same_and_holds_k_plus_1_blocks(ahead):
+    """Per block call, counted from outside: the computing block is resident (its tensors are views into a
+    slot, not its CPU tensors), at most ahead + 1 blocks are resident, exactly that many once the window is
+    full, over two forwards (the window wraps from the last block to the first); afterwards every tensor is
+    back where it was."""
+    for model, blocks, inputs in _offload_models():
+        with torch.inference_mode():
+            expected = _offload_call(model, inputs)
+        home = {id(b): [t.data_ptr() for t in [*b.parameters(), *b.buffers()]] for b in blocks}
+        everything = [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]
+        counts = []
+        with offload.stream_blocks(model, blocks, "cpu", ahead=ahead) as streamer:
+            slots = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
+
+            def resident(block):
+                ptrs = [t.data_ptr() for t in [*block.parameters(), *block.buffers()]]
+                if ptrs == home[id(block)]:
+                    return False
+                assert all(any(lo <= p < hi for lo, hi in slots) for p in ptrs)  # all of it inside a slot
+                return True
+
+            def check(block, args):
+                assert resident(block)  # the block computes from its device copy
+                counts.append(sum(resident(b) for b in blocks))
+
+            hooks = [b.register_forward_pre_hook(check) for b in blocks]  # after the streamer's own hook
+            with torch.inference_mode():
+                outputs = [_offload_call(model, inputs) for _ in range(2)]
+            for hook in hooks:
+                hook.remove()
+        assert len(streamer.slots) == min(ahead + 1, len(blocks))
+        assert len(counts) == 2 * len(blocks) and max(counts) == min(ahead + 1, len(blocks)), counts
+        assert all(torch.equal(out, expected) for out in outputs)
+        assert [t.data_ptr() for t in [*model.parameters(), *model.buffers()]] == everything
+
+
+def test_offload_recovers_from_an_error_mid_forward():
+    """A forward that raises inside a block leaves the window half-advanced: the next forward (block 0 first
+    again) still computes the same output, and leaving the context puts every tensor back."""
+    model, inputs = _offload_flux()
+    with torch.inference_mode():
+        expected = model(**inputs)
+    home = [t.data_ptr() for t in model.parameters()]
+    with offload.stream_blocks(model, model.blocks(), "cpu", ahead=1) as streamer:
+        hook = model.blocks()[3].register_forward_pre_hook(lambda m, a: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.inference_mode():
+            model(**inputs)
+        hook.remove()
+        assert sorted(streamer.resident) == [3, 4]
+        with torch.inference_mode():
+            assert torch.equal(model(**inputs), expected)
+    assert [t.data_ptr() for t in model.parameters()] == home
+    with pytest.raises(ValueError, match="ahead must be at least 0"), offload.stream_blocks(model, [], "cpu", -1):
+        pass
+    with torch.device("meta"):
+        on_meta = mmdit.Flux(mmdit.FluxParams(vec_in_dim=8, context_in_dim=8, hidden_size=32, num_heads=2, depth=1,
+                                              depth_single_blocks=1, axes_dim=(4, 6, 6)))
+    with pytest.raises(ValueError, match="the blocks must be on the CPU"):
+        with offload.stream_blocks(on_meta, on_meta.blocks(), "cpu"):
+            pass
+
+
+def test_offload_blocks_cli_same_image_as_no_offload(tmp_path, _sample_sd3_dirs):
+    """sample.py end to end: tiny Flux and a tiny SD3 (CFG: one doubled batch per step), with --offload blocks,
+    plain --offload and none give the same PNG; the generated tensors are compared bitwise too (a PNG hides
+    differences under half a level)."""
+    flux = ["x", "--model", "tiny", "--width", "64", "--height", "64", "--steps", "2"]
+    sd3 = ["a blue car", "--model", "sd3-medium", "--weights", str(_sample_sd3_dirs["official"]), "--width", "64",
+           "--height", "64", "--steps", "2"]
+    for name, args in (("flux", flux), ("sd3", sd3)):
+        pngs = []
+        for i, extra in enumerate(([], ["--offload", "blocks"], ["--offload"], ["--offload", "components"])):
+            code, out = _sample_run([*args, *extra], tmp_path, f"{name}-{i}.png")
+            assert code == 0
+            pngs.append(np.asarray(Image.open(out)))
+        assert pngs[0].std() > 0 and all(np.array_equal(png, pngs[0]) for png in pngs[1:])
+    for pipe in (sample.tiny_pipeline(), sample.load_pipeline("sd3-medium", _sample_sd3_dirs["official"],
+                                                              dtype=torch.float32)):
+        common = dict(width=64, height=64, steps=2, guidance=3.5, seed=3, num_images=2, progress=False)
+        plain, _ = sample.generate(pipe, "a fox", **common)
+        streamed, _ = sample.generate(pipe, "a fox", offload="blocks", **common)
+        assert torch.equal(plain, streamed) and plain.std() > 0
+
+
+class _OffloadFakeStream:
+    """A CUDA stream as a log of ops; with _OffloadFakeEvent, enough to derive what happens before what."""
+
+    def __init__(self, log):
+        self.log, self.ops = log, []
+
+    def op(self, *what):
+        self.log.append((self, len(self.ops), what))
+        self.ops.append(len(self.log) - 1)
+
+    def wait_event(self, event):
+        self.op("wait", event, event.version)  # CUDA: waits for the event's latest record at the time of the call
+
+    def wait_stream(self, other):
+        self.op("wait_stream", other, len(other.ops))
+
+    def synchronize(self):
+        pass
+
+
+class _OffloadFakeEvent:
+    def __init__(self):
+        self.version = 0
+
+    def record(self, stream):
+        self.version += 1
+        stream.op("record", self, self.version)
+
+
+def test_offload_cuda_ordering_has_no_race(monkeypatch):
+    """The CUDA path without a GPU: streams and events replaced by logs, the happens-before order they impose
+    (each stream in order; a record before the wait that names it) is checked on a two-forward run: every block
+    computes only after its copy has landed, and no copy overwrites a slot before the compute that last read it
+    has finished. Without the events (or with a slot reused too early) some copy could race its reader."""
+    log, copies = [], []
+    compute, copy = _OffloadFakeStream(log), _OffloadFakeStream(log)
+    current = [compute]
+
+    class FakeCudaStreamer(offload.BlockStreamer):  # the CPU streamer with CUDA's synchronization switched on
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.cuda, self.copy_stream = True, copy
+            self.ready = [_OffloadFakeEvent() for _ in self.slots]
+            self.released = [_OffloadFakeEvent() for _ in self.slots]
+
+        def issue(self, i):  # logs the copy as (its wait for the slot, its ready record, block, slot)
+            super().issue(i)
+            copies.append((copy.ops[-2], copy.ops[-1], i, self.resident[i]))
+
+    @contextmanager
+    def on_stream(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(offload, "BlockStreamer", FakeCudaStreamer)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    model, blocks, inputs = _offload_models()[1]  # SD3.5: three block shapes
+    with offload.stream_blocks(model, blocks, "cpu", ahead=1) as streamer:
+        for i, b in enumerate(blocks):
+            b.register_forward_pre_hook(lambda m, a, i=i: compute.op("compute", i, streamer.resident[i]))
+            b.register_forward_hook(lambda m, a, out, i=i: compute.op("done", i))
+        with torch.inference_mode():
+            for _ in range(2):
+                _offload_call(model, inputs)
+
+    def before(a: int, b: int) -> bool:  # does log entry a happen before log entry b?
+        todo, seen = [b], set()
+        while todo:
+            n = todo.pop()
+            if n == a:
+                return True
+            if n in seen or n < a:
+                continue
+            seen.add(n)
+            stream, k, what = log[n]
+            if k:
+                todo.append(stream.ops[k - 1])
+            if what[0] == "wait":
+                todo += [m for m, (s, _, w) in enumerate(log) if w == ("record", what[1], what[2])]
+            if what[0] == "wait_stream" and what[2]:
+                todo.append(what[1].ops[what[2] - 1])
+        return False
+
+    computes = [(n, *w[1:]) for n, (_, _, w) in enumerate(log) if w[0] == "compute"]
+    assert len(computes) == 2 * len(blocks)
+    for n, block, slot in computes:
+        landed = max(end for _, end, b, _ in copies if end < n and b == block)
+        assert before(landed, n)  # its copy has landed
+        done = next(m for m, (_, _, w) in enumerate(log) if m > n and w == ("done", block))
+        for start, _, _, s in copies:  # a later copy into its slot waits for the end of this compute
+            if start > n and s == slot:
+                assert before(done, start), (block, slot)
+
+
+@pytest.mark.parametrize("args", [["--offload", "a cat"], ["a cat", "--offload", "block"],
+                                  ["a cat", "--offload", "Blocks"]])
+def test_offload_bad_values_are_one_line(args, tmp_path, capsys, monkeypatch):
+    """A prompt right after a bare --offload is read as its value: the message says where the prompt goes."""
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded the weights"))
+    code, out = _sample_run([*args, "--model", "tiny"], tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and not out.exists() and len(err) == 1
+    assert err[0] == (f"error: --offload takes components, blocks or no value, got {args[-1]!r} "
+                      "(a prompt goes before --offload)")
 
 
 # ====================================================================================================

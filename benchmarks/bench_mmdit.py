@@ -1,4 +1,4 @@
-"""Forward-pass speed of mmdit.Flux: against diffusers on CPU, and throughput / MFU on a GPU.
+"""Forward-pass speed of mmdit.Flux (and MMDiT on a GPU): against diffusers on CPU, throughput / MFU on a GPU.
 
 CPU (default): a mid-size Flux (hidden 512, 4 double + 8 single blocks, 4 heads × 128, RoPE axes
 (16, 56, 56)), 1024 image + 128 text tokens, fp32, torch.no_grad. The same random weights go into
@@ -12,9 +12,13 @@ GPU) at 4096² pixels through the 16× VAE of Diffusion-4K (256² latent -> 128�
 plus 512 text tokens:
 
     python benchmarks/bench_mmdit.py --device cuda --config flux-dev --height 4096 --width 4096 \
-        [--compile] [--sdpa cudnn] [--diffusers]
+        [--compile] [--sdpa cudnn|best] [--diffusers]
+    python benchmarks/bench_mmdit.py --device cuda --config sd3.5-large --diffusers   # MM-DiT, 38 joint blocks
 
-It prints seconds per forward (warm-up 1, median of 3), peak memory and MFU. Two FLOP counts are
+It prints seconds per forward (warm-up 1, median of 3), the first forward's time (with --compile: the
+compile time), peak memory and MFU; --sdpa best times flash, cuDNN and efficient attention and keeps the
+fastest; --diffusers times diffusers' FluxTransformer2DModel / SD3Transformer2DModel with the same weights
+and inputs, under the same attention backend. Two FLOP counts are
 printed: the convention of the issue, 2·params·tokens + 4·L²·C per block (≈ 6.0e14 here), and the FLOPs
 the forward actually executes (each token meets only its own stream's weights in the double blocks and
 the modulation linears run once per sample, so it is ≈ 4.2e14); MFU is given for both.
@@ -118,50 +122,107 @@ def bench_cpu(args):
           f"(relative output difference {err:.1e})")
 
 
-def bench_gpu(args):
-    device = torch.device(args.device)
-    p = mmdit.CONFIGS[args.config]
-    if not isinstance(p, mmdit.FluxParams):
-        raise SystemExit(f"--config must be a Flux config ({', '.join(k for k in mmdit.CONFIGS if 'flux' in k)})")
-    lat_h, lat_w = args.height // args.vae_stride, args.width // args.vae_stride
-    n_img, n_txt = (lat_h // 2) * (lat_w // 2), args.txt_tokens
-
+def sd3_flops(p: mmdit.SD3Params, n_img: int, n_txt: int, batch: int = 1) -> tuple[float, float]:
+    """(issue-convention FLOPs, executed FLOPs) of one MM-DiT forward: joint blocks as Flux's double blocks, the
+    dual-attention layers' second attention over the image tokens, the pre-only last context block's missing
+    projection and MLP."""
+    H, L, mlp = p.hidden_size, n_img + n_txt, int(p.hidden_size * p.mlp_ratio)
+    dual = len(p.x_block_self_attn_layers)
+    attn = 4 * L * L * H * p.depth + 4 * n_img * n_img * H * dual
     with torch.device("meta"):
-        model = mmdit.Flux(p).to(torch.bfloat16)
-    model = model.to_empty(device=device).eval()  # bf16 storage only: no fp32 copy ever exists
+        n_params = sum(t.numel() for t in mmdit.MMDiT(p).parameters())
+    stream = 4 * H * H + 2 * H * mlp  # qkv, proj, mlp of one token in its own stream
+    executed = (2 * (stream * L * p.depth - (H * H + 2 * H * mlp) * n_txt + 4 * H * H * n_img * dual) + attn
+                + 2 * n_img * 2 * p.in_channels * p.patch_size ** 2 * H + 2 * n_txt * p.context_in_dim * H)
+    return (2 * n_params * L + attn) * batch, executed * batch
+
+
+def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
+    model = model.to(torch.bfloat16).to_empty(device=device).eval()  # bf16 storage only: no fp32 copy ever exists
     with torch.no_grad():
-        for name, t in model.named_parameters():
-            if name.endswith("scale"):
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("scale", "ln_q.weight", "ln_k.weight")):
                 t.fill_(1.0)
             elif name.endswith("bias"):
                 t.zero_()
             else:
                 t.normal_(0, 0.02)
-    n_params = sum(t.numel() for t in model.parameters())
-    inputs = _random_inputs(p, lat_h, lat_w, n_txt, args.batch, device, torch.bfloat16)
-    if args.compile:  # regional compilation: one compiled graph per block type, reused by all 57 blocks
-        for block in model.blocks():
-            block.compile()
+    return model
 
-    backends = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                "efficient": "EFFICIENT_ATTENTION"}
+
+BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def _sdpa(backend: str | None):
+    """A fresh context that forces one scaled_dot_product_attention backend (None: PyTorch's own choice)."""
     from contextlib import nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def ctx():  # a fresh context manager per use
-        return nullcontext() if backends[args.sdpa] is None else sdpa_kernel(getattr(SDPBackend, backends[args.sdpa]))
+    return nullcontext() if backend is None else sdpa_kernel(getattr(SDPBackend, BACKENDS[backend]))
 
-    torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), ctx():
-        out = model(*inputs)
-        times = _timeit(lambda: model(*inputs), device, args.warmup, args.runs)
+
+def _measure(fn, device, args, backend):
+    """(first call in s: with --compile, the compile time; median s; all timed runs; output) under `backend`."""
+    with torch.no_grad(), _sdpa(backend):
+        first = _timeit(fn, device, 0, 1)[0]
+        out = fn()
+        times = _timeit(fn, device, args.warmup, args.runs)
+    return first, statistics.median(times), times, out
+
+
+def bench_gpu(args):
+    device = torch.device(args.device)
+    p = mmdit.CONFIGS[args.config]
+    flux = isinstance(p, mmdit.FluxParams)
+    lat_h, lat_w = args.height // args.vae_stride, args.width // args.vae_stride
+    n_txt = args.txt_tokens
+    with torch.device("meta"):
+        model = mmdit.Flux(p) if flux else mmdit.MMDiT(p)
+    model = _materialize(model, device)
+    n_params = sum(t.numel() for t in model.parameters())
+    if flux:
+        n_img = (lat_h // 2) * (lat_w // 2)
+        inputs = _random_inputs(p, lat_h, lat_w, n_txt, args.batch, device, torch.bfloat16)
+        img, img_ids, txt, txt_ids, t, y, guidance = inputs
+        ref_kwargs = dict(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                          img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False)
+        convention, executed = flux_flops(p, n_img, n_txt, args.batch)
+    else:  # x (B, 16, h, w), σ·1000, pooled CLIP-L ‖ CLIP-G, T5 states
+        n_img = (lat_h // p.patch_size) * (lat_w // p.patch_size)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x, y, context = (torch.randn(args.batch, *shape, generator=g).to(device, torch.bfloat16) for shape in
+                         ((p.in_channels, lat_h, lat_w), (p.adm_in_channels,), (n_txt, p.context_in_dim)))
+        inputs = (x, torch.full((args.batch,), 700.0, device=device), y, context)
+        ref_kwargs = dict(hidden_states=inputs[0], timestep=inputs[1], pooled_projections=inputs[2],
+                          encoder_hidden_states=inputs[3], return_dict=False)
+        convention, executed = sd3_flops(p, n_img, n_txt, args.batch)
+    if args.compile:  # regional compilation: one compiled graph per block type, reused by every block
+        for block in model.blocks():
+            block.compile()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results = {}
+    for backend in list(BACKENDS) if args.sdpa == "best" else [None if args.sdpa == "auto" else args.sdpa]:
+        try:
+            results[backend] = _measure(lambda: model(*inputs), device, args, backend)
+        except RuntimeError as e:  # a backend this card, dtype or head size does not support
+            print(f"  sdpa {backend}: not available ({str(e).splitlines()[0][:100]})")
+    if not results:
+        raise SystemExit("no attention backend ran")
+    backend = min(results, key=lambda b: results[b][1])
+    first, sec, times, out = results[backend]
     assert torch.isfinite(out).all(), "non-finite output"
-    sec, peak_mem = statistics.median(times), torch.cuda.max_memory_allocated(device)
-    convention, executed = flux_flops(p, n_img, n_txt, args.batch)
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     peak = args.peak_tflops * 1e12
-    print(f"{args.config} on {torch.cuda.get_device_name(device)}: {n_params / 1e9:.3f} B params, bf16, "
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{args.config} on {card}: {n_params / 1e9:.3f} B params, bf16, "
           f"{args.height}×{args.width} px / VAE {args.vae_stride}× -> {n_img} image + {n_txt} text tokens, "
           f"batch {args.batch}, compile={args.compile}, sdpa={args.sdpa}")
+    first_call = "compile + first forward" if args.compile else "first forward"
+    for b, (f, s, _, _) in results.items():
+        fastest = " (fastest)" if len(results) > 1 and b == backend else ""
+        print(f"  sdpa {b or 'auto'}: {s:.4f} s per forward, {first_call} {f:.1f} s{fastest}")
     print(f"  {sec:.4f} s per forward (median of {args.runs}: {', '.join(f'{x:.4f}' for x in times)})")
     print(f"  peak memory {peak_mem / 2**30:.2f} GiB")
     print(f"  FLOPs per forward: issue convention (2·params·tokens + 4·L²·C per block) {convention:.3e}; "
@@ -169,26 +230,20 @@ def bench_gpu(args):
     print(f"  MFU against {args.peak_tflops:.0f} TFLOP/s (bf16 dense peak, H100 SXM by default): "
           f"{convention / sec / peak:.1%} by the issue convention, {executed / sec / peak:.1%} by executed FLOPs")
 
-    if args.diffusers:  # the same weights and inputs through diffusers, eager
+    if args.diffusers:  # the same weights and inputs through diffusers, eager, under the fastest backend
         try:
-            from diffusers import FluxTransformer2DModel
+            import diffusers
             from diffusers.utils import logging as diffusers_logging
             diffusers_logging.set_verbosity_error()  # its note on casting with .to(): nothing here needs fp32
         except ImportError:
             raise SystemExit("--diffusers: diffusers is not installed here (pip install -r requirements-test.txt)")
+        config = mmdit.diffusers_config(p)
         with torch.device("meta"):
-            ref = FluxTransformer2DModel(**{k: v for k, v in mmdit.diffusers_config(p).items() if k[0] != "_"})
+            ref = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if k[0] != "_"})
         ref = ref.to(torch.bfloat16).to_empty(device=device).eval()
-        ref.load_state_dict(mmdit.to_diffusers(model.state_dict(), "flux"), strict=True)
-        img, img_ids, txt, txt_ids, t, y, guidance = inputs
-        with torch.no_grad(), ctx():
-            ref_out = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                          img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False)[0]
-            ref_times = _timeit(lambda: ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y,
-                                            timestep=t, img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance,
-                                            return_dict=False), device, args.warmup, args.runs)
+        ref.load_state_dict(mmdit.to_diffusers(model.state_dict(), "flux" if flux else "sd3"), strict=True)
+        _, ref_sec, _, ref_out = _measure(lambda: ref(**ref_kwargs)[0], device, args, backend)
         err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
-        ref_sec = statistics.median(ref_times)
         print(f"  diffusers (eager) {ref_sec:.4f} s per forward: ratio ours/diffusers = {sec / ref_sec:.3f} "
               f"(relative output difference {err:.1e}, bf16)")
 
@@ -196,7 +251,7 @@ def bench_gpu(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (compare with diffusers) or cuda (throughput and MFU)")
-    ap.add_argument("--config", default="flux-dev", help="GPU mode: a Flux entry of mmdit.CONFIGS")
+    ap.add_argument("--config", default="flux-dev", choices=list(mmdit.CONFIGS), help="GPU mode: Flux or SD3")
     ap.add_argument("--height", type=int, default=4096, help="GPU mode: image height in pixels")
     ap.add_argument("--width", type=int, default=4096, help="GPU mode: image width in pixels")
     ap.add_argument("--vae-stride", type=int, default=16, help="GPU mode: pixels per latent (16: Diffusion-4K F16 VAE)")
@@ -205,8 +260,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="GPU mode: torch.compile each block (regional)")
     ap.add_argument("--diffusers", action="store_true", help="GPU mode: also time diffusers' Flux, same weights")
-    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
-                    help="GPU mode: force one scaled_dot_product_attention backend")
+    ap.add_argument("--sdpa", default="auto", choices=["auto", "best", *BACKENDS],
+                    help="GPU mode: force one scaled_dot_product_attention backend; best: time each, keep the fastest")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100 SXM: 989)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=None, help="timed runs (CPU 7, GPU 3)")
