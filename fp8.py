@@ -103,13 +103,15 @@ def store(model: nn.Module, sd: dict, blocks, weight_dtype=None, dtype_of=lambda
     read, fp8 ones as stored, with a scaled-fp8 file's scales and marker; `blocks`: the modules whose Linears may be
     swapped. weight_dtype: None keeps the fp8 weights of a file in fp8; an fp8 dtype stores every block Linear in it
     (re-quantizing other fp8 formats); another dtype stores them in it, swapped where the compute dtype differs.
-    dtype_of(key): a tensor's compute dtype; None: as read (bf16 for fp8). Every other tensor is dequantized and
-    cast to it. A scale without its weight stays in `sd`, for the caller's key check to name."""
+    dtype_of(key): a tensor's compute dtype; None: as read, and for fp8 that of the file's other tensors (bf16
+    if all are fp8). Every other tensor is dequantized and cast to it. A scale without its weight stays in `sd`, for the caller's key check to name."""
     sd = {k: t for k, t in sd.items() if not dropped(k)}
-    scales = {k[:-len(SCALE)]: sd.pop(k) for k in list(sd) if k.endswith("." + SCALE) and k[:-len(SCALE)] + "weight" in sd}
+    scales = {k[:-len(SCALE)]: sd.pop(k) for k in list(sd) if beside_weight(k, sd)}  # "layer.": its scale
+
+    wide = next((t.dtype for k, t in sd.items() if not is_fp8(t.dtype) and k not in scales), torch.bfloat16)
 
     def compute(key, t):
-        return dtype_of(key) or (torch.bfloat16 if is_fp8(t.dtype) else t.dtype)
+        return dtype_of(key) or (wide if is_fp8(t.dtype) else t.dtype)
 
     def dequantized(prefix, t):  # fp32 when scaled: fp8 * fp32 0-dim is fp8 in torch's type promotion
         return t.float() * scales.pop(prefix) if prefix in scales else t

@@ -698,7 +698,7 @@ def _check_keys(model: nn.Module, sd: dict, where, family: str):
 def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None, weight_dtype=None) -> "Flux | MMDiT":
     """Load a Flux or SD3/SD3.5 transformer (layouts: see `_find_files`; SD3 files that also hold the VAE and text
     encoders are fine). The config comes from the tensor shapes; the model is built on the meta device and takes
-    the loaded tensors as they are (checkpoint dtype unless `dtype` is given; bf16 for fp8 files). weight_dtype:
+    the loaded tensors as they are (checkpoint dtype unless `dtype` is given; see fp8.store for fp8). weight_dtype:
     the storage dtype of the blocks' Linear weights (fp8.store), None: as the file stores them."""
     files, config = _find_files(path)
     sd, metadata = {}, {}
@@ -758,7 +758,7 @@ def save_transformer(model: "Flux | MMDiT", path, *, layout: str = "official"):
         _atomic_write(path, lambda tmp: save_file(sd, tmp, {"format": "pt", "mmdit_params": json.dumps(hints)}))
     elif layout == "diffusers":
         if fp8.marker(sd):
-            raise ValueError("an fp8-stored transformer saves in the official layout only (diffusers has no fp8 scales)")
+            raise ValueError("an fp8-stored transformer saves in the official layout only (diffusers': no scales)")
         path.mkdir(parents=True, exist_ok=True)
         dsd = {k: v.contiguous() for k, v in to_diffusers(sd, family).items()}
         _atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(dsd, tmp, {"format": "pt"}))
