@@ -9,7 +9,7 @@ below which the error is at most 2^-10·s in absolute terms. Each layer computes
     y = x (s·Q)ᵀ + b,      s·Q formed in the compute dtype of x, once per call,
 
 so activations never pass through fp8 (weight-only) and the one change from the bf16 model is the rounding of its
-weights; the fp8 copy is what sits in memory (flux-dev's transformer: 11.9 GB in fp8 instead of 23.8 GB in bf16).
+weights; the fp8 copy is what sits in memory (flux-dev's transformer: 11.2 GiB instead of 22.2 GiB in bf16).
 
 Which layers: every nn.Linear inside the repeated blocks (Flux's double- and single-stream blocks, SD3's joint
 blocks, T5's encoder blocks): 99.4% of flux-dev's transformer parameters and 97% of T5-XXL's encoder. The
