@@ -24,6 +24,7 @@ weight being weight.float() * scale_weight; a `scaled_fp8` marker tensor under t
 names the fp8 format, and optional 0-dim `<layer>.scale_input` activation scales for ComfyUI's fp8 matmul. The
 marker and the input scales are read and dropped (the fp8 matmul here measures its activation scale per call).
 An fp8-stored model's state_dict() is such a scaled-fp8 file: save_transformer writes one the loaders read back.
+mmdit.py and text_encoders.py import this file (it imports nothing of the project): their loaders call store().
 
 Engineering: `torch._scaled_mm` multiplies fp8 by fp8 on GPUs with fp8 tensor cores, the activations then
 quantized per call (W8A8, no longer weight-only); `use_scaled_mm(model)` turns it on. It is off by default: it adds
@@ -104,16 +105,17 @@ def store(model: nn.Module, sd: dict, blocks, weight_dtype=None, dtype_of=lambda
     swapped. weight_dtype: None keeps the fp8 weights of a file in fp8; an fp8 dtype stores every block Linear in it
     (re-quantizing other fp8 formats); another dtype stores them in it, swapped where the compute dtype differs.
     dtype_of(key): a tensor's compute dtype; None: as read, and for fp8 that of the file's other tensors (bf16
-    if all are fp8). Every other tensor is dequantized and cast to it. A scale without its weight stays in `sd`, for the caller's key check to name."""
+    if all are fp8). Every other tensor is dequantized and cast to it. A scale without its weight stays in `sd`,
+    for the caller's key check to name."""
     sd = {k: t for k, t in sd.items() if not dropped(k)}
     scales = {k[:-len(SCALE)]: sd.pop(k) for k in list(sd) if beside_weight(k, sd)}  # "layer.": its scale
 
-    wide = next((t.dtype for k, t in sd.items() if not is_fp8(t.dtype) and k not in scales), torch.bfloat16)
+    wide = next((t.dtype for k, t in sd.items() if not is_fp8(t.dtype) and not k.endswith(SCALE)), torch.bfloat16)
 
     def compute(key, t):
         return dtype_of(key) or (wide if is_fp8(t.dtype) else t.dtype)
 
-    def dequantized(prefix, t):  # fp32 when scaled: fp8 * fp32 0-dim is fp8 in torch's type promotion
+    def dequantized(prefix, t):  # upcast first: fp8 × a 0-dim fp32 tensor stays fp8 in torch's type promotion
         return t.float() * scales.pop(prefix) if prefix in scales else t
 
     names = {id(m): name for name, m in model.named_modules()}

@@ -15,9 +15,7 @@ meta device: nothing is allocated) and, on a GPU, seconds per forward and peak m
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,19 +71,11 @@ def weight_bytes(build, blocks, weight_dtype=None) -> int:
     return sum(t.nbytes for t in model.state_dict().values())
 
 
-def timed(fn, device, runs: int) -> float:
-    """Median seconds of `runs` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn, runs: int) -> float:
+    """Mean seconds per call over `runs` calls, after a warm-up (torch.utils.benchmark syncs CUDA around them)."""
+    from torch.utils.benchmark import Timer
+
+    return Timer("fn()", globals={"fn": fn}).timeit(runs).mean
 
 
 def fp8_vs_bf16(p: mmdit.FluxParams, device, lat_h: int, lat_w: int, n_txt: int, dtype, runs: int = 1,
@@ -104,7 +94,7 @@ def fp8_vs_bf16(p: mmdit.FluxParams, device, lat_h: int, lat_w: int, n_txt: int,
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
             out = model(**x).float()
-            seconds = timed(lambda: model(**x), device, runs) if runs else float("nan")
+            seconds = timed(lambda: model(**x), runs) if runs else float("nan")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         results[name] = {"seconds": seconds, "peak_gib": peak}
         return out
