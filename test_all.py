@@ -4638,7 +4638,7 @@ def test_fp8_storage_of_a_checkpoint_is_within_the_rounding_bound(tmp_path, fmt,
     (3 or 2 mantissa bits, round to nearest); a layer's output sums fan-in such errors of random sign, so the
     output is off by far less than the bound, and the tolerance is the bound itself: a systematic error (a wrong
     scale, a weight left out of the scale) reaches it at once. Measured (e4m3 / e5m2, of the output's max): Flux
-    0.0040 / 0.0064, T5 0.020 / 0.029."""
+    0.0040 / 0.0064, T5 0.020 / 0.029, SD3.5-like 0.0041 / 0.0071."""
     torch.manual_seed(0)
     flux, t5 = mmdit.Flux(_FP8_FLUX).eval(), te.T5Encoder(_FP8_T5).eval()
     mmdit.save_transformer(flux.to(torch.bfloat16), tmp_path / "flux.safetensors")
@@ -4655,6 +4655,15 @@ def test_fp8_storage_of_a_checkpoint_is_within_the_rounding_bound(tmp_path, fmt,
     t5_stored = te.load_t5(tmp_path / "t5.safetensors", weight_dtype=fmt)
     with torch.no_grad():
         error = rel(t5_stored(ids), t5(ids))
+    assert 1e-4 < error <= bound, error
+    sd3 = mmdit.MMDiT(mmdit.SD3Params(patch_size=2, in_channels=4, out_channels=4, depth=2, hidden_size=64,
+                                      num_heads=2, adm_in_channels=12, context_in_dim=24, pos_embed_max_size=16,
+                                      qk_norm=True, x_block_self_attn_layers=(0,))).eval()  # pre-only last block
+    mmdit.save_transformer(sd3, tmp_path / "sd3.safetensors")
+    sd3_stored = mmdit.load_transformer(tmp_path / "sd3.safetensors", weight_dtype=fmt)
+    x, t, y, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 12), torch.randn(1, 5, 24)
+    with torch.no_grad():
+        error = rel(sd3_stored(x, t, y, context), sd3(x, t, y, context))
     assert 1e-4 < error <= bound, error
 
 
