@@ -4611,6 +4611,11 @@ def test_fp8_flux_file_equals_the_model_of_its_dequantized_weights(tmp_path, kin
     # The same fp32 products (s·Q formed exactly in fp32 both ways), summed by the same kernels: round-off only.
     assert rel(out, ref) <= 1e-6
     assert rel(out, model(**inp).detach()) > 1e-4  # the fp8 rounding is there: the test sees the file's weights
+    widened = mmdit.load_transformer(tmp_path / "flux1-dev-fp8.safetensors", dtype=torch.float32,
+                                     weight_dtype=torch.float32)  # dequantized at load: plain Linears
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in widened.modules())
+    with torch.no_grad():
+        assert rel(widened(**inp), ref) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["plain", "scaled"])
