@@ -58,6 +58,12 @@ def beside_weight(key: str, keys) -> bool:
     return dropped(key) or key.endswith("." + SCALE) and key[:-len(SCALE)] + "weight" in keys
 
 
+def scale_keys(names: dict) -> dict:
+    """{our scale key: the file's} for a {our key: the file's} map of weights: where a scaled-fp8 file's scales lie."""
+    return {k.removesuffix("weight") + SCALE: f.removesuffix("weight") + SCALE for k, f in names.items()
+            if k.endswith(".weight")}
+
+
 def marker(sd: dict) -> dict:
     """{"scaled_fp8": an empty tensor of the weights' fp8 dtype} for a state dict holding fp8 weights, else {}:
     ComfyUI reads `scale_weight` only when the marker is there (it writes torch.tensor([], dtype=fp8) itself)."""

@@ -230,7 +230,7 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # wo(gelu_tanh(wi_0 x) ⊙ wi_1 x); the product is formed in wo's dtype: fp32 when the model runs in fp16
-        dtype = getattr(self.wo, "compute_dtype", self.wo.weight.dtype)  # an fp8.Fp8Linear's is not its weight's
+        dtype = getattr(self.wo, "compute_dtype", self.wo.weight.dtype)  # fp8.Fp8Linear: not its weight's dtype
         return self.wo(F.gelu(self.wi_0(x), approximate="tanh").to(dtype) * self.wi_1(x).to(dtype))
 
 
@@ -590,9 +590,7 @@ def _materialize(model_cls, config, w: _Weights, file_key, stored: set[str], whe
         parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
                  for label, items in problems if items]
         raise ValueError(f"{where}: weights do not fit {config}: " + "; ".join(parts))
-    scales = {k[:-len("weight")] + fp8.SCALE: names[k][:-len("weight")] + fp8.SCALE for k in expected
-              if k.endswith(".weight")}
-    read = {k: f for k, f in (names | scales).items() if f in stored}
+    read = {k: f for k, f in (names | fp8.scale_keys(names)).items() if f in stored}
     sd = fp8.store(model, {k: w.tensor(f, device, dtype_of(k)) for k, f in read.items()}, blocks(model), weight_dtype,
                    dtype_of)
     model.load_state_dict(sd, assign=True)
