@@ -4736,6 +4736,23 @@ def test_fp8_sample_tiny_end_to_end_is_close_to_full_precision(tmp_path):
     assert 40 < _fp8_psnr(images["fp8"], images[None]) < _fp8_psnr(images["bf16"], images[None]) < math.inf
 
 
+def test_fp8_sample_official_files_reach_the_loaders(_sample_flux_dirs, tmp_path):
+    """--weight-dtype fp8 on official single files (a tiny Flux, T5 and CLIP in fp32): the transformer and T5
+    store their block weights in fp8, CLIP is untouched, and the image stays close to the fp32 one (measured
+    PSNR 56.8 dB; the bound as for the tiny pipeline)."""
+    common = ["a red fox", "--model", "flux-dev", "--width", "64", "--height", "64", "--steps", "2", "--vae", "f16",
+              "--dtype", "fp32", "--weights", str(_sample_flux_dirs["official"])]
+    code, full = _sample_run(common, tmp_path, "full.png")
+    code8, low = _sample_run([*common, "--weight-dtype", "fp8"], tmp_path, "fp8.png")
+    assert code == code8 == 0
+    assert 40 < _fp8_psnr(Image.open(low), Image.open(full)) < math.inf
+    pipe = sample.load_pipeline("flux-dev", _sample_flux_dirs["official"], device="cpu", dtype=torch.float32,
+                                weight_dtype=torch.float8_e4m3fn)
+    assert pipe.transformer.single_blocks[0].linear1.weight.dtype == torch.float8_e4m3fn
+    assert pipe.conditioner.t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert pipe.conditioner.clip.text_model.embeddings.token_embedding.weight.dtype == torch.float32  # CLIP: as is
+
+
 @pytest.mark.parametrize("args, message", [
     (["--weight-dtype", "fp8"], "--weight-dtype fp8 needs float8 dtypes, which torch"),
     (["--weight-dtype", "bf16", "--dtype", "fp16"], "--weight-dtype bf16 with --dtype fp16 saves no memory"),
