@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import fp8
 from weight_files import checked_weight, open_weights, read_json
 
 
@@ -694,10 +695,11 @@ def _check_keys(model: nn.Module, sd: dict, where, family: str):
             raise ValueError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the inferred config needs {tuple(t.shape)}")
 
 
-def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None) -> "Flux | MMDiT":
+def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None, weight_dtype=None) -> "Flux | MMDiT":
     """Load a Flux or SD3/SD3.5 transformer (layouts: see `_find_files`; SD3 files that also hold the VAE and text
     encoders are fine). The config comes from the tensor shapes; the model is built on the meta device and takes
-    the loaded tensors as they are (checkpoint dtype unless `dtype` is given)."""
+    the loaded tensors as they are (checkpoint dtype unless `dtype` is given; see fp8.store for fp8). weight_dtype:
+    the storage dtype of the blocks' Linear weights (fp8.store), None: as the file stores them."""
     files, config = _find_files(path)
     sd, metadata = {}, {}
     with ExitStack() as stack:  # every shard opened (its header checked against its size) before any is read
@@ -705,8 +707,9 @@ def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None) ->
         for file, f in opened:
             metadata.update(f.metadata() or {})
             prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()) else ""  # not the VAE
-            for key in (k for k in f.keys() if k.startswith(prefix)):
-                sd[key[len(prefix):]] = checked_weight(f.get_tensor(key), file, key, dtype=dtype)
+            for key in (k for k in f.keys() if k.startswith(prefix) and not fp8.dropped(k)):
+                t = f.get_tensor(key)
+                sd[key[len(prefix):]] = checked_weight(t, file, key, dtype=fp8.read_dtype(key, t, dtype))
     family, layout = next((fl for fl, key in EMBEDDING.items() if key in sd), (None, None))
     if family is None:
         raise ValueError(f"{path}: not a Flux or SD3 transformer checkpoint "
@@ -723,6 +726,7 @@ def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None) ->
         raise ValueError(f"{path}: {family} checkpoint lacks {e.args[0]}, needed to infer its config") from None
     with torch.device("meta"):
         model = Flux(params) if family == "flux" else MMDiT(params)
+    sd = fp8.store(model, sd, model.blocks(), weight_dtype, lambda key: dtype)
     _check_keys(model, sd, path, family)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
@@ -748,10 +752,13 @@ def save_transformer(model: "Flux | MMDiT", path, *, layout: str = "official"):
 
     family, p, path = ("flux" if isinstance(model, Flux) else "sd3"), model.params, Path(path)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd |= fp8.marker(sd)  # fp8-stored blocks: the file is a ComfyUI-style scaled-fp8 file
     if layout == "official":
         hints = {"attention_head_dim": p.hidden_size // p.num_heads, "axes_dims_rope": getattr(p, "axes_dim", None)}
         _atomic_write(path, lambda tmp: save_file(sd, tmp, {"format": "pt", "mmdit_params": json.dumps(hints)}))
     elif layout == "diffusers":
+        if fp8.marker(sd):
+            raise ValueError("an fp8-stored transformer saves in the official layout only (diffusers': no scales)")
         path.mkdir(parents=True, exist_ok=True)
         dsd = {k: v.contiguous() for k, v in to_diffusers(sd, family).items()}
         _atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(dsd, tmp, {"format": "pt"}))

@@ -14,6 +14,9 @@ rounds it back to bf16 after every step, so the rounding accumulates over 50 ste
 default (theirs are JPEG, quality 95, as --prompts writes them); flux-dev's guidance defaults to FLUX.1-dev's own 3.5
 (their script defaults to 7.0).
 
+--weight-dtype fp8 stores the transformer's and T5's large Linear weights in fp8 (fp8.py: weight-only, upcast per
+layer); fp8 files (plain casts, ComfyUI's scaled fp8) load as they are.
+
 The paper's evaluation generates one square image per prompt of the evaluation set's metadata.jsonl, every prompt
 from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half. It reads the
 prompts with metrics.read_prompts, the one reader of an evaluation set's metadata.jsonl that metrics.py also uses.
@@ -34,6 +37,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+import fp8
 import mmdit
 import text_encoders as te
 import vae as vae_lib
@@ -145,17 +149,19 @@ class Pipeline:
 
 
 def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = None, device="cpu",
-                  dtype=torch.bfloat16) -> Pipeline:
-    """Load `model` from `weights` onto `device` (the CPU when offloading) in `dtype`.
+                  dtype=torch.bfloat16, weight_dtype=None) -> Pipeline:
+    """Load `model` from `weights` onto `device` (the CPU when offloading) in `dtype`; the large Linear weights of
+    the transformer and T5 in `weight_dtype` (None: as the files store them; see fp8.py).
     transformer: a file or diffusers folder that replaces the transformer found in `weights` (a WLF fine-tune).
     vae: "f8", "f16" or None (what the weights' autoencoder config says; F8 for the official files)."""
     if model == "tiny":
-        return tiny_pipeline(vae=vae, device=device, dtype=dtype)
+        return tiny_pipeline(vae=vae, device=device, dtype=dtype, weight_dtype=weight_dtype)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     paths = find_weights(model, weights, transformer)
     ae = vae_lib.load_vae(paths["vae"], stride={"f8": 1, "f16": 2, None: None}[vae], device=device, dtype=dtype)
-    transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype)
+    transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype,
+                                         weight_dtype=weight_dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
     if not (model == "demo" and family == "flux") and not model.startswith(family):
         raise vae_lib.UserError(f"{paths['transformer']} holds a {family} transformer, not {model}")
@@ -165,7 +171,7 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
                             device=device, dtype=dtype)
 
     clip_l_tokenizer = te.CLIPTokenizer(paths["clip_l_tokenizer"], pad_token="<|endoftext|>")
-    t5 = te.load_t5(paths["t5"], device=device, dtype=dtype)
+    t5 = te.load_t5(paths["t5"], device=device, dtype=dtype, weight_dtype=weight_dtype)
     if family == "flux":
         t5_tokenizer = te.T5Tokenizer(paths["t5_tokenizer"], max_length=T5_TOKENS.get(model, 256))
         conditioner = te.FluxConditioner(clip("clip_l"), t5, clip_l_tokenizer, t5_tokenizer)
@@ -256,7 +262,8 @@ def tiny_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return clip_dir, t5_dir
 
 
-def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, seed: int = 0) -> Pipeline:
+def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, seed: int = 0,
+                  weight_dtype=None) -> Pipeline:
     """A TINY FLUX-LIKE MODEL WITH RANDOM WEIGHTS: the whole pipeline (tokenizers, CLIP and T5 encoders,
     transformer, F16 autoencoder with the partitioned decoder) at toy sizes, for a machine without weights.
     Its images are structured noise, not pictures."""
@@ -275,6 +282,9 @@ def tiny_pipeline(*, vae: str | None = None, device="cpu", dtype=torch.float32, 
     conditioner = te.FluxConditioner(clip, t5, clip_tok, t5_tok)
     for module in (ae, transformer, clip, t5):
         module.to(device=device, dtype=dtype).eval()
+    if weight_dtype is not None:
+        fp8.convert(transformer, transformer.blocks(), weight_dtype)
+        fp8.convert(t5, t5.encoder.block, weight_dtype)
     return Pipeline("tiny", "flux", transformer, ae, conditioner,
                     notes=["tiny model with RANDOM weights: a pipeline check, not a picture"])
 
@@ -416,6 +426,8 @@ def main(argv=None) -> int:
                    help="components (or no value): keep components on the CPU, each on the GPU while it works; "
                    "blocks: the same, the transformer's blocks streamed")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--weight-dtype", choices=("bf16", "fp8"), help="storage of the transformer's and T5's large "
+                   "Linear weights (fp8: float8_e4m3fn, half of bf16's memory); default: as the files store them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="image path (default out/MODEL-SEED.png; -i suffixes for several images); with "
                    "--prompts a folder (default out/MODEL)")
@@ -446,6 +458,12 @@ def main(argv=None) -> int:
                                     f"32 bits, so other seeds repeat these), got {a.seed}")
         if not 1 <= a.quality <= 100:
             raise vae_lib.UserError(f"--quality must be in 1..100, got {a.quality}")
+        if a.weight_dtype == "fp8" and not fp8.FLOAT8:
+            raise vae_lib.UserError(f"--weight-dtype fp8 needs float8 dtypes, which torch {torch.__version__} lacks "
+                                    "(2.1 and newer have them)")
+        if a.weight_dtype == "bf16" and a.dtype == "fp16":
+            raise vae_lib.UserError("--weight-dtype bf16 with --dtype fp16 saves no memory (2 bytes each) and upcasts "
+                                    "into fp16's narrower range: give one of the two")
         device = vae_lib.pick_device(a.device)
         jobs, fmt = plan_jobs(a, rank, world)
         share = len(jobs)
@@ -458,12 +476,13 @@ def main(argv=None) -> int:
         guidance = a.guidance if a.guidance is not None else (7.0 if sd3 else DEFAULT_GUIDANCE[a.model])
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  None: torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
+        weight_dtype = {"bf16": torch.bfloat16, "fp8": getattr(torch, "float8_e4m3fn", None)}.get(a.weight_dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds_per_step = []
         if jobs:
             pipe = load_pipeline(a.model, a.weights, transformer=a.transformer, vae=a.vae,
-                                 device="cpu" if a.offload else device, dtype=dtype)
+                                 device="cpu" if a.offload else device, dtype=dtype, weight_dtype=weight_dtype)
             for note in pipe.notes:
                 print(f"note: {note}", file=sys.stderr)
             metadata = {"model": a.model, "seed": a.seed, "steps": steps, "guidance": guidance, "width": width,

@@ -44,6 +44,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from torch import Tensor, nn
 
+import fp8
 from weight_files import checked_weight, open_weights, read_json
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # wo(gelu_tanh(wi_0 x) ⊙ wi_1 x); the product is formed in wo's dtype: fp32 when the model runs in fp16
-        dtype = self.wo.weight.dtype
+        dtype = getattr(self.wo, "compute_dtype", self.wo.weight.dtype)  # fp8.Fp8Linear: not its weight's dtype
         return self.wo(F.gelu(self.wi_0(x), approximate="tanh").to(dtype) * self.wi_1(x).to(dtype))
 
 
@@ -512,13 +513,14 @@ class _Weights(ExitStack):
         return tuple(self._file[key].get_slice(key).get_shape())
 
     def compute_dtype(self, key: str) -> torch.dtype:
-        """The stored dtype; fp8 (e.g. t5xxl_fp8_e4m3fn) becomes bf16, as fp8 weights do not run through nn.Linear."""
+        """The stored dtype; bf16 for fp8 (e.g. t5xxl_fp8_e4m3fn), which nn.Linear cannot compute in."""
         dtype = self._file[key].get_slice(key)[:1].dtype
         return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
-    def tensor(self, key: str, **to) -> Tensor:
-        """The tensor, converted by .to(**to) and checked by _weight."""
-        return checked_weight(self._file[key].get_tensor(key), self._path[key], key, **to)
+    def tensor(self, key: str, device, dtype) -> Tensor:
+        """The tensor on `device` and checked; in `dtype` unless fp8.read_dtype keeps it as stored."""
+        t = self._file[key].get_tensor(key)
+        return checked_weight(t, self._path[key], key, device=device, dtype=fp8.read_dtype(key, t, dtype))
 
 
 def _weight_files(path, kind: str, model_types: tuple[str, ...]) -> tuple[list[Path], dict | None]:
@@ -569,16 +571,18 @@ def _root(keys: set[str], anchor: str, prefix: str | None, where: str, kind: str
     return prefix
 
 
-def _materialize(model_cls, config, w: _Weights, file_key, stored: set[str], where: str, device, dtype_of):
+def _materialize(model_cls, config, w: _Weights, file_key, stored: set[str], where: str, device, dtype_of,
+                 blocks=lambda model: (), weight_dtype=None):
     """The one strict check: the file's keys and shapes against model_cls(config); then fill the meta-built model
     tensor by tensor (no full-precision copy of the model). file_key(our key) -> key in the file; stored: the file's
-    keys that belong to this model (any of them the model does not use is reported as unexpected)."""
+    keys that belong to this model (any of them the model does not use is reported as unexpected). blocks(model):
+    the modules whose Linears may be stored in weight_dtype (fp8.store, which reads scaled-fp8 files' scales)."""
     with torch.device("meta"):
         model = model_cls(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = {k: file_key(k) for k in expected}
     missing = [names[k] for k in expected if names[k] not in stored]
-    unexpected = sorted(stored - set(names.values()))
+    unexpected = sorted(k for k in stored - set(names.values()) if not fp8.beside_weight(k, stored))
     wrong = [f"{names[k]} {list(w.shape(names[k]))} (expected {list(s)})" for k, s in expected.items()
              if names[k] in stored and w.shape(names[k]) != s]
     if missing or unexpected or wrong:
@@ -586,7 +590,9 @@ def _materialize(model_cls, config, w: _Weights, file_key, stored: set[str], whe
         parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
                  for label, items in problems if items]
         raise ValueError(f"{where}: weights do not fit {config}: " + "; ".join(parts))
-    sd = {k: w.tensor(names[k], device=device, dtype=dtype_of(k)) for k in expected}
+    read = {k: f for k, f in (names | fp8.scale_keys(names)).items() if f in stored}
+    sd = fp8.store(model, {k: w.tensor(f, device, dtype_of(k)) for k, f in read.items()}, blocks(model), weight_dtype,
+                   dtype_of)
     model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -672,13 +678,15 @@ def _t5_config_from_shapes(w: _Weights, root: str, embed: str, stored: set[str],
                     relative_attention_num_buckets=buckets)
 
 
-def load_t5(path, *, prefix: str | None = None, device="cpu", dtype: torch.dtype | None = None) -> T5Encoder:
+def load_t5(path, *, prefix: str | None = None, device="cpu", dtype: torch.dtype | None = None,
+            weight_dtype=None) -> T5Encoder:
     """Load a T5 v1.1 encoder: a transformers folder (T5EncoderModel, or the encoder of a full T5; single or
     sharded), a single safetensors file (t5xxl_fp16.safetensors), or an SD3 file bundling the encoders (the
     `text_encoders.t5xxl.transformer.` prefix is found by itself; `prefix=` names any other).
 
     The embedding may be stored as `shared.weight` and/or `encoder.embed_tokens.weight`.
-    dtype: None keeps the file's dtype (fp8 becomes bf16); in fp16 the `wo` weights stay fp32 (module docstring).
+    dtype: None keeps the file's dtype (bf16 for fp8); in fp16 the `wo` weights stay fp32 (module docstring).
+    weight_dtype: the storage dtype of the blocks' Linear weights (fp8.store), None: as the file stores them.
     """
     files, cfg = _weight_files(path, "T5 encoder", ("t5",))
     where = str(path)
@@ -696,4 +704,5 @@ def load_t5(path, *, prefix: str | None = None, device="cpu", dtype: torch.dtype
         model_dtype = dtype or w.compute_dtype(embed)
         fp32_wo = model_dtype == torch.float16  # `wo` stays fp32 in fp16 (module docstring)
         return _materialize(T5Encoder, config, w, lambda k: embed if k == "shared.weight" else root + k, stored, where,
-                            device, lambda k: torch.float32 if fp32_wo and k.endswith(".wo.weight") else model_dtype)
+                            device, lambda k: torch.float32 if fp32_wo and k.endswith(".wo.weight") else model_dtype,
+                            lambda model: model.encoder.block, weight_dtype)

@@ -3,7 +3,7 @@
 safetensors' own errors ("header too small", "incomplete metadata, file not fully covered") and json's
 (JSONDecodeError gives the line, not the file) name no file; a cast to the compute dtype would hide integer
 tensors; NaN / inf weights would surface only as black images. vae.py, mmdit.py and text_encoders.py import
-these three functions and nothing else of the project.
+these three functions and nothing else of the project but fp8.py (the fp8 weights of the last two).
 """
 import json
 from pathlib import Path
