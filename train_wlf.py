@@ -60,6 +60,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import fp8
 import metrics
 import mmdit
 import runs
@@ -654,6 +655,8 @@ def build_on_meta(path: str) -> tuple[nn.Module, dict[str, Tensor]]:
             loaded = mmdit.load_transformer(path, device="cpu")
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise vae.UserError(f"cannot load the transformer from {path}: {e}") from None
+        if any(isinstance(m, fp8.Fp8Linear) for m in loaded.modules()):  # 3 mantissa bits: no start for training
+            raise vae.UserError(f"{path} stores fp8 weights: fine-tune from the bf16 or fp32 checkpoint")
         state.update(loaded.state_dict())
         return loaded.params
     return meta_model(runs.on_rank0(load)), state
@@ -710,7 +713,7 @@ def export_checkpoint(args) -> None:
     vae.check_writable(out, f"--out {out}")
     meta = runs.verify(folder)
     try:
-        model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32)
+        model = mmdit.load_transformer(args.transformer, device="cpu", dtype=torch.float32, weight_dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise vae.UserError(f"cannot load the transformer from {args.transformer}: {e}") from None
     warnings.filterwarnings("ignore", message=".*load in a single process")  # it is
