@@ -49,7 +49,7 @@ DEFAULT_STEPS = {"demo": 20, "flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD
 DEFAULT_GUIDANCE = {"demo": 0.0, "flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 family: CFG 7.0
 NATIVE_SIZE = {"demo": 128, "tiny": 512}  # the rest: 4096, Diffusion-4K's
 T5_TOKENS = {"demo": 16, "flux-dev": 512}  # the rest: 256 (diffusers); the demo's captions, as demo/train.sh encodes
-# The model this project trained itself (demo/README.md): what runs when no --weights are given.
+# The model this project trained itself with demo/train.sh: what runs when no --weights are given.
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights"
 
 
@@ -184,7 +184,8 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
 
 # Where each piece may lie inside --weights DIR, in order: a diffusers snapshot's sub-folder first, then the
 # official single files (the Hugging Face repos of FLUX.1 and SD3 hold both layouts).
-_TRANSFORMER_FILES = {"demo": "transformer.safetensors", "flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors",
+_TRANSFORMER_FILES = {"demo": "transformer.safetensors",
+                      "flux-dev": "flux1-dev*.safetensors", "flux-schnell": "flux1-schnell*.safetensors",
                       "sd3-medium": "sd3_medium*.safetensors", "sd3.5-medium": "sd3.5_medium*.safetensors",
                       "sd3.5-large": "sd3.5_large*.safetensors"}
 

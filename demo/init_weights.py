@@ -1,7 +1,7 @@
 """Write the demo model's starting point: word-level tokenizers for the captions of demo/shapes.py, frozen
 random text encoders, and the untrained transformer.
 
-Tokenizers. The captions use 27 words; CLIP's tokenizer gets a byte-level BPE learned on them (every word one
+Tokenizers. The captions use 24 words; CLIP's tokenizer gets a byte-level BPE learned on them (every word one
 token) and T5's a word-level vocabulary, both in the formats the real tokenizers are read from
 (vocab.json + merges.txt; tokenizer.json).
 

@@ -10,13 +10,16 @@ A scene has five attributes, each named in its caption:
     position ∈ {top left, top right, bottom left, bottom right, center}.
 
 Drawing is deterministic from a seed. The background is a vertical gradient (brighter at the top), so the
-GLCM score of an image (metrics.py, Eq. 11) is not trivially that of a flat canvas. The scorer reads a
-generated image back into the same five attributes:
-- background: the median colour of the border pixels, the nearest palette colour after the gradient;
-- the shape: the pixels farther than a threshold from the background colour of their own row;
-  colour = the nearest palette colour to their median; position = the nearest anchor to their centroid;
-  size = half their bounding box's width against the midpoint of the two radii; shape = how much of its bounding box it fills
-  (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
+GLCM score of an image (metrics.py, Eq. 11) is not trivially that of a flat canvas. The scorer reads an image,
+drawn or generated (blurred by the autoencoder), back into the same five attributes:
+- background: the median colour of the left and right border columns, the gradient undone, the nearest
+  palette colour;
+- the shape's colour: the median of its core, the pixels at least 3/4 as far from the background as the
+  farthest one (away from a blurred edge), the nearest palette colour;
+- the shape itself: the pixels past the half-way point from the background to that colour, the largest
+  connected piece; a blurred step edge stays at the half-way contour, so its size does not grow with blur;
+- position: the anchor nearest its centroid; size: half its bounding box's width against the midpoint
+  of the two sizes' radii; shape: how much of its bounding box it fills (square 1, circle π/4, triangle 1/2).
 
     python demo/shapes.py make --out data/ --count 4000 --heldout eval/ --heldout-count 100
     python demo/shapes.py score gen/ --prompts eval/metadata.jsonl
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -120,23 +124,29 @@ def read_scene(image: np.ndarray) -> dict:
     """The five attributes of an H×W×3 uint8 image, by the statistics of the module docstring."""
     h, w, _ = image.shape
     px = image.astype(np.float64)
-    border = np.concatenate([px[:, :2].reshape(-1, 3), px[:, -2:].reshape(-1, 3)])
-    ramp = 1 + GRADIENT * np.linspace(1, -1, h)[:, None, None]
-    background = nearest(np.median(border / np.repeat(ramp[:, 0], 4, axis=0), axis=0))
-    expected = np.clip(np.array(PALETTE[background], dtype=np.float64) * ramp, 0, 255)  # (h, 1, 3)
-    mask = np.sqrt(((px - expected) ** 2).sum(-1)) > 60
-    if mask.sum() < 0.002 * h * w:  # no shape at all
-        return {"size": None, "colour": None, "shape": None, "position": None, "background": background}
+    ramp = 1 + GRADIENT * np.linspace(1, -1, h)[:, None, None]  # (h, 1, 1)
+    border = np.concatenate([(px / ramp)[:, :2], (px / ramp)[:, -2:]], axis=1).reshape(-1, 3)
+    bg = np.median(border, axis=0)  # the background's colour, its gradient undone
+    expected = bg * ramp  # (h, 1, 3): the background as drawn, row by row
+    distance = np.linalg.norm(px - expected, axis=-1)
+    none = {"size": None, "colour": None, "shape": None, "position": None, "background": nearest(bg)}
+    if distance.max() < 60:  # no shape at all
+        return none
+    fg = np.median(px[distance >= 0.75 * distance.max()], axis=0)  # the shape's core, away from a blurred edge
+    # The half-way contour between background and shape: where a step edge stays however much it is blurred.
+    axis = fg - expected
+    mask = ((px - expected) * axis).sum(-1) > 0.5 * (axis * axis).sum(-1)
+    labels, count = ndimage.label(mask)
+    if count > 1:  # the largest piece: specks elsewhere are not the shape
+        mask = labels == 1 + np.argmax(ndimage.sum(mask, labels, range(1, count + 1)))
     ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean() / w, ys.mean() / h
     box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     fill = mask.sum() / (box_w * box_h)
-    width = max(box_w / w, box_h / h) / 2  # the drawn radius, whatever the shape
-    return {"size": "large" if width > (RADII["small"][1] + RADII["large"][0]) / 2 else "small",
-            "colour": nearest(np.median(px[mask], axis=0)),
-            "shape": "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle",
-            "position": min(ANCHORS, key=lambda a: (ANCHORS[a][0] - cx) ** 2 + (ANCHORS[a][1] - cy) ** 2),
-            "background": background}
+    radius = max(box_w / w, box_h / h) / 2  # the drawn radius, whatever the shape
+    return {**none, "size": "large" if radius > (RADII["small"][1] + RADII["large"][0]) / 2 else "small",
+            "colour": nearest(fg), "shape": "square" if fill > 0.87 else "circle" if fill > 0.65 else "triangle",
+            "position": min(ANCHORS, key=lambda a: (ANCHORS[a][0] - xs.mean() / w) ** 2 +
+                            (ANCHORS[a][1] - ys.mean() / h) ** 2)}
 
 
 def score(images: dict[str, np.ndarray], captions: dict[str, str]) -> dict:

@@ -3,14 +3,14 @@
 The paper starts from the official Flux autoencoder; the demo has none of its size, so this script trains a
 small one with the same architecture (vae.AutoEncoder, 16 latent channels) as a KL-regularized autoencoder:
 
-    L = ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)),   z = mean + std·ε ~ q(z|x),   on random crops of the images.
+    L = ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)),   z = mean + std·ε ~ q(z|x),   on the training images.
 
 Afterwards the latents of the training images set the autoencoder's shift and scale (mean and 1/std of the
 posterior means), so the diffusion model sees latents of unit variance, as Flux's 0.1159 / 0.3611 do. The
 F16 step (stride-2 first conv, decoder fine-tuned with the scale-consistency loss) is then the paper's,
 through train_vae.py.
 
-    python demo/train_ae.py --data data/ --out ae-f8.safetensors --steps 3000
+    python demo/train_ae.py --data data/ --out ae-f8.safetensors
 """
 import argparse
 import os
@@ -29,8 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 import vae  # noqa: E402
 
-# 16 latent channels as Flux's; widths 16-32-64-64 (Flux: 128-256-512-512), one ResNet block per level (Flux: 2).
-PARAMS = vae.AutoEncoderParams(3, 16, 3, (1, 2, 4, 4), 1, 16, scale_factor=1.0, shift_factor=0.0, groups=8)
+# 16 latent channels as Flux's; widths 16-32-64-64 (Flux: 128-256-512-512), one ResNet block per level (Flux: 2),
+# 4 GroupNorm groups (Flux: 32). A group of 4 channels keeps Flux's channels per group: a flat region normalizes to
+# a 4-vector of mean 0 and variance 1, which still tells colours apart; with 2 channels per group only its sign
+# would survive, and flat colour is most of this data set.
+PARAMS = vae.AutoEncoderParams(3, 16, 3, (1, 2, 4, 4), 1, 16, scale_factor=1.0, shift_factor=0.0, groups=4)
 
 
 def load_images(folder: Path) -> torch.Tensor:
@@ -48,9 +51,16 @@ def crops(images: torch.Tensor, batch: int, size: int, rng: random.Random) -> to
     return torch.stack(out).float() / 127.5 - 1
 
 
-def train(images, steps: int, batch: int, size: int, lr: float, beta: float, seed: int, log_every: int):
+def train(images, steps: int, batch: int, size: int, lr: float, beta: float, seed: int, log_every: int,
+          init: Path | None = None):
     torch.manual_seed(seed)
     rng, ae = random.Random(seed), vae.AutoEncoder(PARAMS)
+    with torch.no_grad():  # log-variance starts at −8 (std 0.02): sampled latents carry the image from step 1
+        ae.encoder.conv_out.bias[PARAMS.z_channels:] = -8.0
+    warmup = 1
+    if init:  # a warm restart: the weights of an earlier run, the learning-rate schedule anew, warmed up over 50
+        ae.load_state_dict(vae.load_vae(init).state_dict())  # steps (a fresh Adam's first steps are lr-sized)
+        warmup = 50
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -60,8 +70,8 @@ def train(images, steps: int, batch: int, size: int, lr: float, beta: float, see
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         rec = F.mse_loss(ae.decoder(z), x)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
-        for group in opt.param_groups:  # cosine decay to 10%
-            group["lr"] = lr * (0.55 + 0.45 * np.cos(np.pi * step / steps))
+        for group in opt.param_groups:  # cosine decay to 10%, after a warm-up when restarting
+            group["lr"] = lr * min(1.0, step / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         (rec + beta * kl).backward()
         opt.step()
@@ -83,12 +93,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the demo's F8 autoencoder from scratch.")
     p.add_argument("--data", required=True, help="the images + metadata.jsonl of demo/shapes.py make")
     p.add_argument("--out", required=True, help="the .safetensors file to write (official layout)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--crop", type=int, default=96, help="random square crops (a multiple of 8)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=128, help="random square crops (a multiple of 8); the default: whole "
+                   "images, as GroupNorm's statistics of a crop are not those of the image it is cut from")
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=1e-4, help="KL weight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="start from this autoencoder (written by an earlier run) instead of random weights")
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     try:
@@ -101,7 +113,7 @@ def main(argv=None) -> int:
     except (vae.UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ae = train(images, a.steps, a.batch_size, a.crop, a.lr, a.beta, a.seed, a.log_every)
+    ae = train(images, a.steps, a.batch_size, a.crop, a.lr, a.beta, a.seed, a.log_every, a.init and Path(a.init))
     mean, std = latent_statistics(ae, images)
     ae.params = replace(ae.params, shift_factor=mean, scale_factor=1 / std)
     vae.save_vae(ae, Path(a.out))
