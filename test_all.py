@@ -37,6 +37,7 @@ import train_vae
 import train_wlf
 import vae
 import wavelet
+from demo import shapes as demo_shapes
 
 
 def rel(a, b) -> float:
@@ -3151,8 +3152,10 @@ def _offload_call(model, inputs):
 
 
 @pytest.mark.parametrize("ahead", [0, 1, 2, 7])
-def test_offload_streamed_model_is_bitwise_the_same_and_holds_k_plus_1_blocks(ahead):
-    """Per block call, counted from outside: the computing block is resident (its tensors are views into a
+def test_offload_streamed_model_is_the_same_and_holds_k_plus_1_blocks(ahead):
+    """The streamed model computes what the plain one does: the same weights, at other addresses, so the CPU's
+    GEMMs may split or peel their sums differently over several threads (fp32 round-off, ≤ 1e-5 relative; one
+    thread gives bitwise the same). Per block call, counted from outside: the computing block is resident (its tensors are views into a
     slot, not its CPU tensors), at most ahead + 1 blocks are resident, exactly that many once the window is
     full, over two forwards (the window wraps from the last block to the first); afterwards every tensor is
     back where it was."""
@@ -3183,7 +3186,7 @@ def test_offload_streamed_model_is_bitwise_the_same_and_holds_k_plus_1_blocks(ah
                 hook.remove()
         assert len(streamer.slots) == min(ahead + 1, len(blocks))
         assert len(counts) == 2 * len(blocks) and max(counts) == min(ahead + 1, len(blocks)), counts
-        assert all(torch.equal(out, expected) for out in outputs)
+        assert all(rel(out, expected) <= 1e-5 for out in outputs)
         assert [t.data_ptr() for t in [*model.parameters(), *model.buffers()]] == everything
 
 
@@ -3201,7 +3204,7 @@ def test_offload_recovers_from_an_error_mid_forward():
         hook.remove()
         assert sorted(streamer.resident) == [3, 4]
         with torch.inference_mode():
-            assert torch.equal(model(**inputs), expected)
+            assert rel(model(**inputs), expected) <= 1e-5  # other addresses: see the test above
     assert [t.data_ptr() for t in model.parameters()] == home
     with pytest.raises(ValueError, match="ahead must be at least 0"), offload.stream_blocks(model, [], "cpu", -1):
         pass
@@ -3215,8 +3218,8 @@ def test_offload_recovers_from_an_error_mid_forward():
 
 def test_offload_blocks_cli_same_image_as_no_offload(tmp_path, _sample_sd3_dirs):
     """sample.py end to end: tiny Flux and a tiny SD3 (CFG: one doubled batch per step), with --offload blocks,
-    plain --offload and none give the same PNG; the generated tensors are compared bitwise too (a PNG hides
-    differences under half a level)."""
+    plain --offload and none give the same PNG up to fp32 round-off (the same weights at other addresses: see
+    above); the generated tensors are compared too (a PNG hides differences under half a level)."""
     flux = ["x", "--model", "tiny", "--width", "64", "--height", "64", "--steps", "2"]
     sd3 = ["a blue car", "--model", "sd3-medium", "--weights", str(_sample_sd3_dirs["official"]), "--width", "64",
            "--height", "64", "--steps", "2"]
@@ -3226,13 +3229,15 @@ def test_offload_blocks_cli_same_image_as_no_offload(tmp_path, _sample_sd3_dirs)
             code, out = _sample_run([*args, *extra], tmp_path, f"{name}-{i}.png")
             assert code == 0
             pngs.append(np.asarray(Image.open(out)))
-        assert pngs[0].std() > 0 and all(np.array_equal(png, pngs[0]) for png in pngs[1:])
+        assert pngs[0].std() > 0
+        for png in pngs[1:]:
+            _sample_assert_same_pixels_up_to_rounding(png, pngs[0])
     for pipe in (sample.tiny_pipeline(), sample.load_pipeline("sd3-medium", _sample_sd3_dirs["official"],
                                                               dtype=torch.float32)):
         common = dict(width=64, height=64, steps=2, guidance=3.5, seed=3, num_images=2, progress=False)
         plain, _ = sample.generate(pipe, "a fox", **common)
         streamed, _ = sample.generate(pipe, "a fox", offload="blocks", **common)
-        assert torch.equal(plain, streamed) and plain.std() > 0
+        assert rel(streamed, plain) <= 1e-5 and plain.std() > 0
 
 
 class _OffloadFakeStream:
@@ -5016,3 +5021,77 @@ def test_fp8_cli_errors_are_one_line(args, message, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_train_wlf_refuses_an_fp8_transformer_as_its_start(_train_wlf_assets, tmp_path, capsys):
+    """An fp8 file keeps its blocks in fp8 when loaded; training from 3-mantissa-bit weights is refused in one line
+    (the bf16 / fp32 checkpoint is the start), and export still reads a bf16 / fp32 start as plain fp32 Linears."""
+    model = mmdit.load_transformer(_train_wlf_assets / "flux.safetensors", weight_dtype=torch.float8_e4m3fn)
+    mmdit.save_transformer(model, tmp_path / "flux-fp8.safetensors")
+    argv = _train_wlf_train_args(_train_wlf_assets, "flux", tmp_path / "run", "--steps", "1")
+    argv[argv.index("--transformer") + 1] = str(tmp_path / "flux-fp8.safetensors")
+    assert "stores fp8 weights: fine-tune from the bf16 or fp32 checkpoint" in _train_wlf_error(train_wlf.main, argv,
+                                                                                              capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo model (demo/): its data set, its caption scorer, and the weights that sample.py runs by default
+
+DEMO_PROMPT = "a large red circle in the center on a blue background"
+
+
+def test_demo_data_is_deterministic_and_never_shows_the_heldout_prompts(tmp_path):
+    def make(folder, seed="0"):
+        assert demo_shapes.main(["make", "--out", str(folder / "train"), "--count", "40", "--heldout",
+                                 str(folder / "heldout"), "--heldout-count", "12", "--size", "64", "--seed", seed]) == 0
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    a, b, c = make(tmp_path / "a"), make(tmp_path / "b"), make(tmp_path / "c", seed="1")
+    assert a == b and len(a) == 40 + 12 + 2  # a re-run: the same bytes
+    assert a != c
+    train = {r["text"] for r in metrics.read_metadata(tmp_path / "a" / "train" / "metadata.jsonl")[0]}
+    heldout = [r["text"] for r in metrics.read_metadata(tmp_path / "a" / "heldout" / "metadata.jsonl")[0]]
+    assert len(heldout) == len(set(heldout)) == 12 and not train & set(heldout)
+
+
+def test_demo_scorer_reads_every_attribute_and_catches_each_wrong_one():
+    """On drawn scenes the scorer reads back all five attributes; a caption that differs in one attribute fails in
+    exactly that one (so a perfect score cannot come from a scorer that agrees with anything)."""
+    rng = random.Random(0)
+    values = {"size": sorted(demo_shapes.RADII), "colour": sorted(demo_shapes.PALETTE), "shape": demo_shapes.SHAPES,
+              "position": sorted(demo_shapes.ANCHORS), "background": sorted(demo_shapes.PALETTE)}
+    for _ in range(30):
+        scene = demo_shapes.random_scene(rng)
+        image = np.asarray(demo_shapes.draw(scene, 128, rng))
+        assert demo_shapes.read_scene(image) == scene
+        for attribute in demo_shapes.ATTRIBUTES:
+            other = dict(scene)
+            other[attribute] = next(v for v in values[attribute] if v not in (scene["colour"], scene["background"],
+                                                                              scene[attribute]))
+            result = demo_shapes.score({"x": image}, {"x": demo_shapes.caption(other)})
+            wrong = [a for a, r in result["images"]["x"].items() if r["want"] != r["got"]]
+            assert wrong == [attribute] and result["all"] == 0.8
+    hidden = np.asarray(demo_shapes.draw({**scene, "colour": scene["background"]}, 128, rng))  # no visible shape
+    assert demo_shapes.read_scene(hidden) == {**dict.fromkeys(scene), "background": scene["background"]}
+
+
+def test_demo_scorer_cli_refuses_what_it_cannot_score(tmp_path, capsys):
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "p.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a cat on a mat"}) + "\n")
+    Image.new("RGB", (64, 64)).save(tmp_path / "gen" / "0.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"file_name": "1.png", "text": DEMO_PROMPT}) + "\n")
+    for prompts, message in (("p.jsonl", "not a caption of the demo's world"), ("q.jsonl", "no image for 1")):
+        assert demo_shapes.main(["score", str(tmp_path / "gen"), "--prompts", str(tmp_path / prompts)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_demo_weights_are_the_default_and_draw_what_the_caption_says(tmp_path):
+    """The shipped model (no --model, no --weights) at its native 128×128, seed 0: the scorer reads back every
+    attribute of the caption. The weights are small enough to live in the repository."""
+    files = [p for p in sample.DEMO_WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    code, out = _sample_run([DEMO_PROMPT], tmp_path)
+    image = metrics.load_image(out)
+    assert code == 0 and image.shape == (128, 128, 3)
+    assert demo_shapes.read_scene(image) == demo_shapes.parse(DEMO_PROMPT)

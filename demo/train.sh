@@ -7,7 +7,8 @@
 # (train_vae.py), the tokenizers / frozen text encoders / untrained transformer, the latents (train_wlf.py
 # precompute), the transformer with WLF (train_wlf.py train), then the same transformer trained with plain
 # velocity MSE for comparison, and the scores of both on the 100 held-out prompts. The shipped weights are the
-# WLF model's. Every stage is seeded.
+# WLF model's. Every stage is seeded, except that the BPE trainer of the CLIP tokenizer breaks ties between
+# equally frequent merges in no fixed order (its token ids may differ run to run; every word stays one token).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/demo-run}
