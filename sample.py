@@ -14,13 +14,14 @@ rounds it back to bf16 after every step, so the rounding accumulates over 50 ste
 default (theirs are JPEG, quality 95, as --prompts writes them); flux-dev's guidance defaults to FLUX.1-dev's own 3.5
 (their script defaults to 7.0).
 
---weight-dtype fp8 stores the transformer's and T5's large Linear weights in fp8 (fp8.py: weight-only, upcast per
-layer); fp8 files (plain casts, ComfyUI's scaled fp8) load as they are.
-
 The paper's evaluation generates one square image per prompt of the evaluation set's metadata.jsonl, every prompt
 from seed 0, and scores them against the real images (metrics.py): --prompts does the generating half. It reads the
 prompts with metrics.read_prompts, the one reader of an evaluation set's metadata.jsonl that metrics.py also uses.
---offload blocks streams the transformer's blocks through the GPU with offload.stream_blocks.
+
+Memory: --weight-dtype fp8 stores the transformer's and T5's large Linear weights in fp8 (fp8.py: weight-only,
+upcast per layer; fp8 files, plain casts or ComfyUI's scaled fp8, load as they are); --offload blocks streams the
+transformer's blocks through the GPU (offload.stream_blocks). Without --weights, --model demo: the small model this
+project trained with demo/train.sh, from demo/weights, at 128².
 """
 import argparse
 import json
