@@ -24,31 +24,10 @@ import torch  # noqa: E402
 import fp8  # noqa: E402
 import mmdit  # noqa: E402
 import text_encoders as te  # noqa: E402
+from bench_mmdit import random_inputs, random_weights  # noqa: E402
 
 MID_SIZE = mmdit.FluxParams(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=512, hidden_size=512,
                             num_heads=4, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56), guidance_embed=True)
-
-
-def random_flux(p: mmdit.FluxParams, device, seed: int = 0) -> mmdit.Flux:
-    """bench_mmdit's random weights in bf16, drawn on `device` (no fp32 copy of a real-size model ever exists)."""
-    with torch.device("meta"):
-        model = mmdit.Flux(p).to(torch.bfloat16)
-    model = model.to_empty(device=device).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            t.fill_(1.0) if name.endswith("scale") else t.zero_() if name.endswith("bias") else t.normal_(0, 0.02)
-    return model
-
-
-def inputs(p: mmdit.FluxParams, lat_h: int, lat_w: int, n_txt: int, device, dtype) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    return dict(img=torch.randn(1, (lat_h // 2) * (lat_w // 2), p.in_channels, generator=g).to(device, dtype),
-                img_ids=mmdit.flux_img_ids(lat_h, lat_w, 1, device),
-                txt=torch.randn(1, n_txt, p.context_in_dim, generator=g).to(device, dtype),
-                txt_ids=mmdit.flux_txt_ids(n_txt, 1, device), timesteps=torch.full((1,), 0.7, device=device),
-                y=torch.randn(1, p.vec_in_dim, generator=g).to(device, dtype),
-                guidance=torch.full((1,), 3.5, device=device) if p.guidance_embed else None)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -84,8 +63,10 @@ def fp8_vs_bf16(p: mmdit.FluxParams, device, lat_h: int, lat_w: int, n_txt: int,
     weights (the reference; computed in `dtype`, to which bf16 widens exactly), the same weights quantized to
     float8_e4m3fn and upcast per layer, and with scaled_mm the fp8 matmul (activations quantized too)."""
     device = torch.device(device)
-    model = random_flux(p, device).to(dtype)
-    x = inputs(p, lat_h, lat_w, n_txt, device, dtype)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = random_weights(mmdit.Flux(p), device).to(dtype)
+    x = random_inputs(p, lat_h, lat_w, n_txt, 1, device, dtype)
     results = {}
 
     def run(name):
@@ -93,8 +74,8 @@ def fp8_vs_bf16(p: mmdit.FluxParams, device, lat_h: int, lat_w: int, n_txt: int,
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            out = model(**x).float()
-            seconds = timed(lambda: model(**x), runs) if runs else float("nan")
+            out = model(*x).float()
+            seconds = timed(lambda: model(*x), runs) if runs else float("nan")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         results[name] = {"seconds": seconds, "peak_gib": peak}
         return out

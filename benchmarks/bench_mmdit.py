@@ -71,7 +71,7 @@ def _timeit(fn, device, warmup: int, runs: int) -> list[float]:
     return times
 
 
-def _random_inputs(p: mmdit.FluxParams, h: int, w: int, n_txt: int, batch: int, device, dtype):
+def random_inputs(p: mmdit.FluxParams, h: int, w: int, n_txt: int, batch: int, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     img = torch.randn(batch, (h // 2) * (w // 2), p.in_channels, generator=g).to(device, dtype)
     txt = torch.randn(batch, n_txt, p.context_in_dim, generator=g).to(device, dtype)
@@ -97,7 +97,7 @@ def bench_cpu(args):
     ref.eval()
 
     side = int(round(args.img_tokens ** 0.5))  # token grid side; latent side = 2·side
-    inputs = _random_inputs(p, 2 * side, 2 * side, args.txt_tokens, 1, torch.device("cpu"), torch.float32)
+    inputs = random_inputs(p, 2 * side, 2 * side, args.txt_tokens, 1, torch.device("cpu"), torch.float32)
     img, img_ids, txt, txt_ids, t, y, guidance = inputs
 
     def run_ours():
@@ -137,7 +137,7 @@ def sd3_flops(p: mmdit.SD3Params, n_img: int, n_txt: int, batch: int = 1) -> tup
     return (2 * n_params * L + attn) * batch, executed * batch
 
 
-def _materialize(model: torch.nn.Module, device) -> torch.nn.Module:
+def random_weights(model: torch.nn.Module, device) -> torch.nn.Module:
     model = model.to(torch.bfloat16).to_empty(device=device).eval()  # bf16 storage only: no fp32 copy ever exists
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -178,11 +178,11 @@ def bench_gpu(args):
     n_txt = args.txt_tokens
     with torch.device("meta"):
         model = mmdit.Flux(p) if flux else mmdit.MMDiT(p)
-    model = _materialize(model, device)
+    model = random_weights(model, device)
     n_params = sum(t.numel() for t in model.parameters())
     if flux:
         n_img = (lat_h // 2) * (lat_w // 2)
-        inputs = _random_inputs(p, lat_h, lat_w, n_txt, args.batch, device, torch.bfloat16)
+        inputs = random_inputs(p, lat_h, lat_w, n_txt, args.batch, device, torch.bfloat16)
         img, img_ids, txt, txt_ids, t, y, guidance = inputs
         ref_kwargs = dict(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
                           img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False)
