@@ -125,8 +125,9 @@ def read_scene(image: np.ndarray) -> dict:
     h, w, _ = image.shape
     px = image.astype(np.float64)
     ramp = 1 + GRADIENT * np.linspace(1, -1, h)[:, None, None]  # (h, 1, 1)
-    border = np.concatenate([(px / ramp)[:, :2], (px / ramp)[:, -2:]], axis=1).reshape(-1, 3)
-    bg = np.median(border, axis=0)  # the background's colour, its gradient undone
+    flat = px / ramp  # the gradient undone
+    border = np.concatenate([flat[:, :2], flat[:, -2:]], axis=1).reshape(-1, 3)
+    bg = np.median(border, axis=0)  # the background's colour
     expected = bg * ramp  # (h, 1, 3): the background as drawn, row by row
     distance = np.linalg.norm(px - expected, axis=-1)
     none = {"size": None, "colour": None, "shape": None, "position": None, "background": nearest(bg)}
