@@ -95,8 +95,8 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scaled_mm and is_fp8(self.weight.dtype):
-            return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)
+        if self.scaled_mm and is_fp8(self.weight.dtype) and not (self.in_features % 16 or self.out_features % 16):
+            return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)  # cuBLAS: multiples of 16 only
         return F.linear(x, self.weight.to(self.compute_dtype) * self.scale_weight.to(self.compute_dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -167,11 +167,8 @@ def convert(model: nn.Module, blocks, weight_dtype) -> nn.Module:
 # The fp8 matmul (W8A8): torch._scaled_mm
 def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None):
     """y = (s_x·Q_x)(s_w·Q_w)ᵀ + b with x quantized per call to float8_e4m3fn by its own amax, accumulated in
-    fp32 and written in x's dtype. cuBLAS needs both matrix dimensions of w to be multiples of 16; other shapes
-    take the upcast path."""
+    fp32 and written in x's dtype. cuBLAS needs both matrix dimensions of w to be multiples of 16."""
     N, K = w.shape
-    if N % 16 or K % 16:
-        return F.linear(x, w.to(x.dtype) * scale_w.to(x.dtype), bias)
     x2 = x.reshape(-1, K)
     qx, scale_x = quantize(x2, torch.float8_e4m3fn)
     out_bias = bias if x.dtype in (torch.bfloat16, torch.float16) else None  # cuBLAS adds a bias in 16 bits only

@@ -46,6 +46,7 @@ from metrics import read_prompts
 from offload import stream_blocks
 
 MODELS = ("demo", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny")
+FAMILY = {m: "sd3" if m.startswith("sd3") else "flux" for m in MODELS}  # demo and tiny are small Fluxes
 DEFAULT_STEPS = {"demo": 20, "flux-dev": 50, "flux-schnell": 4, "tiny": 4}  # SD3 family: 28, as in the paper
 DEFAULT_GUIDANCE = {"demo": 0.0, "flux-dev": 3.5, "flux-schnell": 0.0, "tiny": 3.5}  # SD3 family: CFG 7.0
 NATIVE_SIZE = {"demo": 128, "tiny": 512}  # the rest: 4096, Diffusion-4K's
@@ -164,7 +165,7 @@ def load_pipeline(model: str, weights, *, transformer=None, vae: str | None = No
     transformer = mmdit.load_transformer(str(paths["transformer"]), device=device, dtype=dtype,
                                          weight_dtype=weight_dtype)
     family = "flux" if isinstance(transformer, mmdit.Flux) else "sd3"
-    if not (model == "demo" and family == "flux") and not model.startswith(family):
+    if family != FAMILY[model]:
         raise vae_lib.UserError(f"{paths['transformer']} holds a {family} transformer, not {model}")
 
     def clip(which):  # `which` picks the encoder out of an SD3 checkpoint that bundles them
@@ -218,7 +219,7 @@ def find_weights(model: str, root: str | os.PathLike, transformer: str | os.Path
         transformer = find(f"{model} transformer", "transformer/config.json", _TRANSFORMER_FILES[model])
     elif not (transformer := Path(transformer)).exists():
         raise vae_lib.UserError(f"--transformer {transformer}: not found")
-    if model.startswith("flux") or model == "demo":
+    if FAMILY[model] == "flux":
         return {
             "transformer": transformer,
             "vae": find("autoencoder", "vae/config.json", "ae.safetensors"),

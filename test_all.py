@@ -4972,6 +4972,11 @@ def test_fp8_scaled_mm_is_close_to_the_upcast_path():
         fp8.use_scaled_mm(layer)
         fused = layer(x)
     assert fused.shape == upcast.shape and 1e-5 < rel(fused, upcast) <= 2**-4, rel(fused, upcast)
+    odd = fp8.Fp8Linear(20, 12, False, torch.float8_e4m3fn, torch.float32)  # not multiples of 16: cuBLAS refuses
+    q, s = fp8.quantize(torch.randn(12, 20))
+    odd.load_state_dict({"weight": q, "scale_weight": s}, assign=True)
+    with torch.no_grad():
+        assert torch.equal(fp8.use_scaled_mm(odd)(x[..., :20]), F.linear(x[..., :20], q.float() * s))
 
 
 def _fp8_psnr(a, b) -> float:
