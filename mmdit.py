@@ -17,9 +17,7 @@ Use: `model = load_transformer(path, device="cuda", dtype=torch.bfloat16)`; for 
 """
 import json
 import math
-import os
 import re
-import uuid
 from collections import OrderedDict, namedtuple
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fp8
-from weight_files import checked_weight, open_weights, read_json
+from weight_files import atomic_write, checked_weight, open_weights, read_json
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -732,19 +730,6 @@ def load_transformer(path, *, device="cpu", dtype: torch.dtype | None = None, we
     return model.eval()
 
 
-def _atomic_write(target: Path, write):
-    """write(tmp), then rename it onto `target`: no half-written file (vae.atomic_write's twin: no project imports)."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        mask = os.umask(0o022)  # read the umask and put it back: safetensors writes 0600, but exported
-        os.umask(mask)  # weights should get the permissions of any file the user creates
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_transformer(model: "Flux | MMDiT", path, *, layout: str = "official"):
     """Write the weights atomically: layout "official" -> one .safetensors file (the official key layout, with
     what shapes cannot tell in the metadata); "diffusers" -> a folder with config.json and the weights."""
@@ -755,13 +740,13 @@ def save_transformer(model: "Flux | MMDiT", path, *, layout: str = "official"):
     sd |= fp8.marker(sd)  # fp8-stored blocks: the file is a ComfyUI-style scaled-fp8 file
     if layout == "official":
         hints = {"attention_head_dim": p.hidden_size // p.num_heads, "axes_dims_rope": getattr(p, "axes_dim", None)}
-        _atomic_write(path, lambda tmp: save_file(sd, tmp, {"format": "pt", "mmdit_params": json.dumps(hints)}))
+        atomic_write(path, lambda tmp: save_file(sd, tmp, {"format": "pt", "mmdit_params": json.dumps(hints)}))
     elif layout == "diffusers":
         if fp8.marker(sd):
             raise ValueError("an fp8-stored transformer saves in the official layout only (diffusers': no scales)")
         path.mkdir(parents=True, exist_ok=True)
         dsd = {k: v.contiguous() for k, v in to_diffusers(sd, family).items()}
-        _atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(dsd, tmp, {"format": "pt"}))
-        _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(diffusers_config(p), indent=2)))
+        atomic_write(path / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(dsd, tmp, {"format": "pt"}))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(diffusers_config(p), indent=2)))
     else:
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")

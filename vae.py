@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from weight_files import checked_weight, open_weights, read_json
+from weight_files import atomic_write, checked_weight, fsync, open_weights, read_json  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -429,24 +429,6 @@ class UserError(Exception):
     """Bad input to a script: its main() prints the message as one line and exits with status 2."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename onto `path`: readers and crashes never see a half-written file. The data and
-    the rename are fsynced (without it a power loss can leave the new name on empty blocks). The file gets the
-    permissions of any file the user creates (umask), whatever the writer gave it (safetensors: 0600). The temp
-    name carries the writer's pid, so that a later run can tell a dead process's leftovers (runs.py)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # unique beside the target
-    try:
-        write(tmp)
-        os.umask(mask := os.umask(0o022))  # reading the umask sets it: put it back
-        os.chmod(tmp, 0o666 & ~mask)
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(path.parent)
-    finally:  # after the rename there is nothing left; after a failure, whatever the writer left
-        Path(tmp).unlink(missing_ok=True)
-
-
 def pick_device(name: str) -> torch.device:
     """--device as a torch.device, or UserError in one line. A bare "cuda" is GPU LOCAL_RANK (set by torchrun), or
     GPU 0 when the launcher shows each process just one (CUDA_VISIBLE_DEVICES), made the current device:
@@ -487,15 +469,6 @@ def check_writable(path: Path, what: str, *, folder: bool = False) -> None:
         raise UserError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
         raise UserError(f"{what}: cannot write in {existing} (read-only)")
-
-
-def fsync(path) -> None:
-    """Flush a file's (or a folder's: its entries) data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj) -> None:
