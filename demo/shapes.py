@@ -19,7 +19,9 @@ drawn or generated (blurred by the autoencoder), back into the same five attribu
 - the shape itself: the pixels past the half-way point from the background to that colour, the largest
   connected piece; a blurred step edge stays at the half-way contour, so its size does not grow with blur;
 - position: the anchor nearest its centroid; size: half its bounding box's width against the midpoint
-  of the two sizes' radii; shape: how much of its bounding box it fills (square 1, circle π/4, triangle 1/2).
+  of the two sizes' radii; shape: a triangle (pointing up) if the upper half of its bounding box holds less
+  than 2/3 of what the lower half holds (triangle 1/3, circle and square 1; blur rounds the corners, but a
+  triangle stays bottom-heavy), else a square or a circle by how much of its bounding box it fills (1 or π/4).
 
     python demo/shapes.py make --out data/ --count 4000 --heldout eval/ --heldout-count 100
     python demo/shapes.py score gen/ --prompts eval/metadata.jsonl
@@ -45,7 +47,7 @@ PALETTE = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 210), 
 SHAPES = ("circle", "square", "triangle")
 ANCHORS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
            "bottom right": (0.72, 0.72), "center": (0.5, 0.5)}  # (x, y) as fractions of the side
-RADII = {"small": (0.10, 0.13), "large": (0.19, 0.23)}  # half the shape's width, as a fraction of the side
+RADII = {"small": (0.14, 0.17), "large": (0.24, 0.28)}  # half the shape's width, as a fraction of the side
 GRADIENT = 0.12  # the background is ×(1 + 0.12) at the top, ×(1 − 0.12) at the bottom
 ATTRIBUTES = ("size", "colour", "shape", "position", "background")
 
@@ -143,9 +145,11 @@ def read_scene(image: np.ndarray) -> dict:
     ys, xs = np.nonzero(mask)
     box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     fill = mask.sum() / (box_w * box_h)
+    middle = (ys.min() + ys.max()) / 2
+    top_heavy = (ys < middle).sum() / max((ys > middle).sum(), 1)  # upper half over lower half
     radius = max(box_w / w, box_h / h) / 2  # the drawn radius, whatever the shape
     return {**none, "size": "large" if radius > (RADII["small"][1] + RADII["large"][0]) / 2 else "small",
-            "colour": nearest(fg), "shape": "square" if fill > 0.87 else "circle" if fill > 0.65 else "triangle",
+            "colour": nearest(fg), "shape": "triangle" if top_heavy < 2 / 3 else "square" if fill > 0.87 else "circle",
             "position": min(ANCHORS, key=lambda a: (ANCHORS[a][0] - xs.mean() / w) ** 2 +
                             (ANCHORS[a][1] - ys.mean() / h) ** 2)}
 

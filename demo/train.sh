@@ -28,7 +28,7 @@ $PY demo/train_ae.py --data "$WORK/data" --out "$WORK/ae-f8.safetensors" --init 
 stage "F8 autoencoder (from scratch)"
 
 rm -rf "$WORK/scvae"
-$PY train_vae.py --vae "$WORK/ae-f8.safetensors" --data "$WORK/data" --out "$WORK/scvae" --steps 600 \
+$PY train_vae.py --vae "$WORK/ae-f8.safetensors" --data "$WORK/data" --out "$WORK/scvae" --steps 1200 \
     --batch-size 4 --resolution 128 --lr 3e-4 --lambda-lpips 0 --lambda-adv 0 --ema 0.99 --workers 0 \
     --checkpoint-every 0 --log-every 100 --no-progress
 cp "$WORK/scvae/vae-f16.safetensors" "$OUT/ae.safetensors"
@@ -44,7 +44,7 @@ train() {  # $1: run name, then the objective's flags
     local name=$1; shift
     rm -rf "$WORK/$name"
     $PY train_wlf.py train --shards "$WORK/shards" --transformer "$WORK/init.safetensors" --out "$WORK/$name" \
-        --steps 2500 --batch-size 32 --lr 5e-4 --warmup-steps 100 --weight-decay 0 --precision fp32 \
+        --steps 4000 --batch-size 32 --lr 5e-4 --warmup-steps 100 --weight-decay 0 --precision fp32 \
         --no-activation-checkpointing --checkpoint-every 0 --log-every 100 --no-progress "$@"
     $PY sample.py --model demo --transformer "$WORK/$name/transformer.safetensors" \
         --prompts "$WORK/heldout/metadata.jsonl" --out "$WORK/$name/heldout" --format png

@@ -3,7 +3,9 @@
 The paper starts from the official Flux autoencoder; the demo has none of its size, so this script trains a
 small one with the same architecture (vae.AutoEncoder, 16 latent channels) as a KL-regularized autoencoder:
 
-    L = ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)),   z = mean + std·ε ~ q(z|x),   on the training images.
+    L = ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)),   z = mean + std·ε ~ q(z|x),
+
+on the training images and on the same images at half size (the scale the F16 encoder looks at, see PARAMS).
 
 Afterwards the latents of the training images set the autoencoder's shift and scale (mean and 1/std of the
 posterior means), so the diffusion model sees latents of unit variance, as Flux's 0.1159 / 0.3611 do. The
@@ -33,6 +35,11 @@ import vae  # noqa: E402
 # 4 GroupNorm groups (Flux: 32). A group of 4 channels keeps Flux's channels per group: a flat region normalizes to
 # a 4-vector of mean 0 and variance 1, which still tells colours apart; with 2 channels per group only its sign
 # would survive, and flat colour is most of this data set.
+#
+# Each step trains on the images and on the same images at half size (2×2 average pooled). The F16 encoder of the
+# next stage is this one with a stride-2 first convolution: it looks at the image at half resolution, where the
+# shapes are half as large. Trained on full-size images only, it meets those sizes first there, and the small shapes
+# come back as round blobs.
 PARAMS = vae.AutoEncoderParams(3, 16, 3, (1, 2, 4, 4), 1, 16, scale_factor=1.0, shift_factor=0.0, groups=4)
 
 
@@ -65,11 +72,13 @@ def train(images, steps: int, batch: int, size: int, lr: float, beta: float, see
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x = crops(images, batch, size, rng)
-        mean, logvar = ae.encoder(x).chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        rec = F.mse_loss(ae.decoder(z), x)
-        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        rec, kl = 0.0, 0.0
+        for image in (x, F.avg_pool2d(x, 2)):  # the images, and the same images at half size (see PARAMS)
+            mean, logvar = ae.encoder(image).chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            rec = rec + F.mse_loss(ae.decoder(z), image) / 2
+            kl = kl + 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean() / 2
         for group in opt.param_groups:  # cosine decay to 10%, after a warm-up when restarting
             group["lr"] = lr * min(1.0, step / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
         opt.zero_grad(set_to_none=True)
