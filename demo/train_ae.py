@@ -38,8 +38,7 @@ import vae  # noqa: E402
 #
 # Each step trains on the images and on the same images at half size (2×2 average pooled). The F16 encoder of the
 # next stage is this one with a stride-2 first convolution: it looks at the image at half resolution, where the
-# shapes are half as large. Trained on full-size images only, it meets those sizes first there, and the small shapes
-# come back as round blobs.
+# shapes are half as large; trained on full-size images only, it would meet those sizes first there.
 PARAMS = vae.AutoEncoderParams(3, 16, 3, (1, 2, 4, 4), 1, 16, scale_factor=1.0, shift_factor=0.0, groups=4)
 
 
