@@ -472,7 +472,7 @@ def main(argv=None) -> int:
         share = len(jobs)
         if a.prompts:  # a killed run continues where it stopped: the images it wrote are whole (atomic_write)
             jobs = [(prompt, paths) for prompt, paths in jobs if not paths[0].exists()]
-        sd3 = a.model.startswith("sd3")
+        sd3 = FAMILY[a.model] == "sd3"
         size = NATIVE_SIZE.get(a.model, 4096)
         width, height = a.width or size, a.height or size
         steps = a.steps if a.steps is not None else (28 if sd3 else DEFAULT_STEPS[a.model])
