@@ -3156,10 +3156,10 @@ def _offload_call(model, inputs):
 def test_offload_streamed_model_is_the_same_and_holds_k_plus_1_blocks(ahead):
     """The streamed model computes what the plain one does: the same weights, at other addresses, so the CPU's
     GEMMs may split or peel their sums differently over several threads (fp32 round-off, ≤ 1e-5 relative; one
-    thread gives bitwise the same). Per block call, counted from outside: the computing block is resident (its tensors are views into a
-    slot, not its CPU tensors), at most ahead + 1 blocks are resident, exactly that many once the window is
-    full, over two forwards (the window wraps from the last block to the first); afterwards every tensor is
-    back where it was."""
+    thread gives bitwise the same). Per block call, counted from outside: the computing block is resident (its
+    tensors are views into a slot, not its CPU tensors), at most ahead + 1 blocks are resident, exactly that many
+    once the window is full, over two forwards (the window wraps from the last block to the first); afterwards
+    every tensor is back where it was."""
     for model, blocks, inputs in _offload_models():
         with torch.inference_mode():
             expected = _offload_call(model, inputs)
